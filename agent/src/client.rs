@@ -1,0 +1,372 @@
+//! The agent's QUIC client: a thin async driver around [`SiteSession`].
+//!
+//! One task reads frames into a channel (reading is not cancel-safe, so it
+//! never sits inside `select!`); one worker thread evaluates and trains, which
+//! is CPU-bound; the driver loop feeds both into the session and writes what
+//! it emits. Connection failures are retried forever with exponential backoff
+//! and jitter; only a protocol version mismatch ends the agent.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_shared::round::{SiteEvent, SiteSession, SiteSessionError};
+use potluck_shared::tls::{self, Identity};
+use potluck_shared::transport::{self, CloseCode, TransportError};
+use potluck_shared::wire::{CoordinatorMessage, RoundTask};
+use potluck_shared::{ModelVersion, SiteId};
+use rand::RngExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::dataset::SiteData;
+use crate::evaluation::evaluate;
+use crate::store::{SiteStore, StoreError};
+use crate::training::{Trained, train};
+use potluck_shared::model::GlobalModel;
+use potluck_shared::wire::EvalCounts;
+
+/// Why the agent cannot run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The certificate names another site than the config.
+    #[error("{cert}: certificate is for site {in_cert}, but the config says {in_config}")]
+    SiteMismatch {
+        /// The certificate file.
+        cert: String,
+        /// Site in the certificate.
+        in_cert: SiteId,
+        /// Site in the config.
+        in_config: SiteId,
+    },
+    /// The site certificate has expired.
+    #[error("{cert}: certificate expired at {at}; ask the central team to re-enrol the site")]
+    Expired {
+        /// The certificate file.
+        cert: String,
+        /// When it expired.
+        at: String,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The state directory could not be created.
+    #[error(transparent)]
+    StateDir(#[from] crate::config::ConfigError),
+    /// The local UDP socket could not be bound.
+    #[error("binding a UDP socket: {0}")]
+    Bind(std::io::Error),
+    /// The coordinator speaks another protocol version; retrying cannot help.
+    #[error(transparent)]
+    Incompatible(SiteSessionError),
+}
+
+/// Why one connection ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Protocol(#[from] SiteSessionError),
+    #[error("coordinator closed the stream")]
+    Closed,
+}
+
+enum Job {
+    Model(Arc<GlobalModel>),
+    Train(RoundTask, Arc<GlobalModel>),
+}
+
+enum Done {
+    Evaluated(ModelVersion, EvalCounts),
+    Trained(RoundTask, Result<Trained, String>),
+}
+
+/// A site agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    store: Arc<SiteStore>,
+    client: quinn::ClientConfig,
+}
+
+impl Agent {
+    /// Check the credentials and open the store; every failure names its file.
+    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let cert_name = config.tls.cert.display().to_string();
+        let in_cert = tls::site_id_from_cert(&identity.chain[0])?;
+        if in_cert != config.site_id {
+            return Err(AgentError::SiteMismatch {
+                cert: cert_name,
+                in_cert,
+                in_config: config.site_id.clone(),
+            });
+        }
+        let expiry = tls::not_after(&identity.chain[0])?;
+        if expiry < time::OffsetDateTime::now_utc() {
+            return Err(AgentError::Expired {
+                cert: cert_name,
+                at: expiry.to_string(),
+            });
+        }
+        let store_path = config.store_path_created()?;
+        let store = Arc::new(SiteStore::open(&store_path)?);
+        let client = tls::client_config(identity)?;
+        Ok(Self {
+            config,
+            store,
+            client,
+        })
+    }
+
+    /// The site's store.
+    pub fn store(&self) -> &Arc<SiteStore> {
+        &self.store
+    }
+
+    /// Take part in rounds until `shutdown` completes, reconnecting as needed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let bind: SocketAddr = if self.config.coordinator.is_ipv6() {
+            "[::]:0".parse().expect("valid address")
+        } else {
+            "0.0.0.0:0".parse().expect("valid address")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Bind)?;
+        endpoint.set_default_client_config(self.client.clone());
+        tokio::pin!(shutdown);
+        let mut backoff = Backoff::default();
+        loop {
+            let result = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = self.session(&endpoint, &mut backoff) => r,
+            };
+            match result {
+                Err(SessionError::Protocol(e @ SiteSessionError::VersionMismatch { .. })) => {
+                    return Err(AgentError::Incompatible(e));
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(site = %self.config.site_id, error = %e, retry_in = ?delay, "connection to coordinator lost");
+                    tokio::select! {
+                        biased;
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Ok(()) => {}
+            }
+        }
+        info!(site = %self.config.site_id, "agent stopping");
+        endpoint.close(CloseCode::Shutdown.into(), b"agent shutting down");
+        endpoint.wait_idle().await;
+        Ok(())
+    }
+
+    async fn session(
+        &self,
+        endpoint: &quinn::Endpoint,
+        backoff: &mut Backoff,
+    ) -> Result<(), SessionError> {
+        let max_frame = self.config.limits.max_frame_bytes;
+        let connection = endpoint
+            .connect(self.config.coordinator, &self.config.server_name)
+            .map_err(|e| SessionError::Connect(e.to_string()))?
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
+        let (mut send, recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| SessionError::Connect(e.to_string()))?;
+        info!(site = %self.config.site_id, coordinator = %self.config.coordinator, "connected");
+        let mut inbox = spawn_reader(recv, max_frame);
+        let (jobs, mut done) = spawn_worker(self.store.clone());
+        let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"));
+        let result = async {
+            loop {
+                while let Some(event) = session.poll_event() {
+                    self.dispatch(event, &jobs);
+                }
+                while let Some(message) = session.poll_transmit() {
+                    transport::write_message(&mut send, &message, max_frame).await?;
+                }
+                tokio::select! {
+                    message = inbox.recv() => match message {
+                        Some(Ok(message)) => {
+                            if matches!(message, CoordinatorMessage::Welcome { .. }) {
+                                backoff.reset();
+                            }
+                            session.handle_message(message)?;
+                        }
+                        Some(Err(e)) => return Err(SessionError::Transport(e)),
+                        None => return Err(SessionError::Closed),
+                    },
+                    Some(result) = done.recv() => self.apply(result, &mut session),
+                }
+            }
+        }
+        .await;
+        let code = match &result {
+            Err(SessionError::Protocol(SiteSessionError::VersionMismatch { .. })) => {
+                CloseCode::VersionMismatch
+            }
+            Err(SessionError::Protocol(_)) => CloseCode::ProtocolViolation,
+            Err(SessionError::Transport(e)) => e.close_code(),
+            _ => CloseCode::Normal,
+        };
+        connection.close(code.into(), b"");
+        result
+    }
+
+    fn dispatch(&self, event: SiteEvent, jobs: &std::sync::mpsc::Sender<Job>) {
+        let job = match event {
+            SiteEvent::ModelReceived(model) => {
+                info!(site = %self.config.site_id, version = %model.version, "received global model");
+                Job::Model(model)
+            }
+            SiteEvent::TrainRequested { task, model } => {
+                info!(site = %self.config.site_id, round = %task.round, "training for round");
+                Job::Train(task, model)
+            }
+            SiteEvent::RoundAbandoned(round) => {
+                info!(site = %self.config.site_id, %round, "round abandoned by coordinator");
+                return;
+            }
+            _ => return,
+        };
+        // The worker lives as long as this session; a send fails only while it shuts down.
+        let _ = jobs.send(job);
+    }
+
+    fn apply(&self, done: Done, session: &mut SiteSession) {
+        match done {
+            Done::Evaluated(version, counts) => {
+                if let Some((hr, _)) = counts.model.means(counts.cases) {
+                    info!(site = %self.config.site_id, %version, hr_at_10 = format!("{hr:.3}"), cases = counts.cases, "evaluated model");
+                }
+                session.handle_evaluated(version, counts);
+            }
+            Done::Trained(task, Ok(trained)) => {
+                debug!(site = %self.config.site_id, round = %task.round, loss = trained.loss, "trained");
+                session.handle_trained(&task, trained.delta, trained.loss, &mut rand::rng());
+            }
+            Done::Trained(task, Err(reason)) => {
+                warn!(site = %self.config.site_id, round = %task.round, %reason, "declining round");
+                session.decline(task.round, reason);
+            }
+        }
+    }
+}
+
+fn spawn_reader(
+    mut recv: quinn::RecvStream,
+    max_frame: usize,
+) -> mpsc::Receiver<Result<CoordinatorMessage, TransportError>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let item =
+                match transport::read_message::<CoordinatorMessage>(&mut recv, max_frame).await {
+                    Ok(Some((message, _))) => Ok(message),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn spawn_worker(
+    store: Arc<SiteStore>,
+) -> (std::sync::mpsc::Sender<Job>, mpsc::UnboundedReceiver<Done>) {
+    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for job in job_rx {
+            let done = match job {
+                Job::Model(model) => Done::Evaluated(model.version, on_model(&store, &model)),
+                Job::Train(task, model) => {
+                    let result = site_data(&store, &model).and_then(|data| {
+                        train(&model, &data.train, &task.settings, rand::rng().random())
+                            .map_err(|e| e.to_string())
+                    });
+                    Done::Trained(task, result)
+                }
+            };
+            if done_tx.send(done).is_err() {
+                break;
+            }
+        }
+    });
+    (job_tx, done_rx)
+}
+
+/// Keep a new model and evaluate it; failures are logged and reported as zero cases.
+fn on_model(store: &SiteStore, model: &GlobalModel) -> EvalCounts {
+    if let Err(e) = store.save_model(model) {
+        warn!(error = %e, "could not keep the global model");
+    }
+    match site_data(store, model)
+        .and_then(|data| evaluate(&model.spec, &model.params, &data).map_err(|e| e.to_string()))
+    {
+        Ok(counts) => counts,
+        Err(e) => {
+            warn!(error = %e, "evaluation failed");
+            EvalCounts::default()
+        }
+    }
+}
+
+/// The site's consenting customers, prepared for `model`'s menu and features.
+pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, String> {
+    let histories = store
+        .histories(&model.spec.menu, true)
+        .map_err(|e| e.to_string())?;
+    Ok(SiteData::prepare(
+        &histories,
+        model.spec.menu.len(),
+        model.spec.history_decay,
+    ))
+}
+
+/// Exponential backoff with full jitter, from 0.5 s to 30 s.
+#[derive(Debug)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { attempt: 0 }
+    }
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::BASE
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(Self::MAX);
+        self.attempt += 1;
+        ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}

@@ -1,0 +1,141 @@
+//! Whole-menu ranking metrics on held-out orders, for the model and two baselines.
+//!
+//! HR@10 is 1 when at least one item of the held-out order is among the top 10.
+//! NDCG@10 uses binary relevance over the order's items:
+//! DCG = Σ_{rank r ≤ 10, item relevant} 1/log2(r+1), divided by the ideal DCG
+//! of min(|order|, 10) relevant items at the top. Only sums and counts leave
+//! the site.
+
+use burn::tensor::Device;
+use potluck_shared::model::{Batch, Example, ModelError, ModelSpec, Recommender};
+use potluck_shared::wire::{EvalCounts, MetricSums};
+
+use crate::dataset::{EvalCase, SiteData};
+
+/// Ranking cut-off.
+pub const K: usize = 10;
+const SCORE_BATCH: usize = 256;
+
+/// HR@K and NDCG@K of one ranked list against the relevant items.
+pub fn rank_metrics(ranked: &[u32], relevant: &[u32]) -> (f64, f64) {
+    let top = &ranked[..ranked.len().min(K)];
+    let dcg: f64 = top
+        .iter()
+        .enumerate()
+        .filter(|(_, item)| relevant.contains(item))
+        .map(|(r, _)| 1.0 / (r as f64 + 2.0).log2())
+        .sum();
+    let ideal: f64 = (0..relevant.len().min(K))
+        .map(|r| 1.0 / (r as f64 + 2.0).log2())
+        .sum();
+    let hit = if dcg > 0.0 { 1.0 } else { 0.0 };
+    (hit, if ideal > 0.0 { dcg / ideal } else { 0.0 })
+}
+
+/// Indices of the K highest scores, highest first; ties go to the lower index.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        scores[b as usize]
+            .partial_cmp(&scores[a as usize])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx
+}
+
+/// The model's item scores for each example.
+pub fn score(
+    spec: &ModelSpec,
+    params: &[f32],
+    examples: &[&Example],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let device = Device::flex();
+    let model = Recommender::from_params(spec, params, &device)?;
+    let m = spec.menu.len();
+    let mut out = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(SCORE_BATCH) {
+        let logits = model.forward(&Batch::new(chunk, m, &device)).into_data();
+        let values = logits.as_slice::<f32>().expect("logits are f32");
+        out.extend(values.chunks(m).map(<[f32]>::to_vec));
+    }
+    Ok(out)
+}
+
+/// Evaluate a model and both baselines on the site's held-out cases.
+pub fn evaluate(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &SiteData,
+) -> Result<EvalCounts, ModelError> {
+    let examples: Vec<&Example> = data.eval.iter().map(|c| &c.example).collect();
+    let scores = score(spec, params, &examples)?;
+    let popular = popularity_ranking(&data.popularity);
+    let mut counts = EvalCounts {
+        cases: data.eval.len() as u64,
+        ..EvalCounts::default()
+    };
+    for (case, scores) in data.eval.iter().zip(&scores) {
+        let target = &case.example.target;
+        add(&mut counts.model, rank_metrics(&top_k(scores, K), target));
+        add(&mut counts.popularity, rank_metrics(&popular, target));
+        add(
+            &mut counts.personal,
+            rank_metrics(&personal_ranking(case, &popular), target),
+        );
+    }
+    Ok(counts)
+}
+
+fn add(sums: &mut MetricSums, (hit, ndcg): (f64, f64)) {
+    sums.hits += hit;
+    sums.ndcg += ndcg;
+}
+
+/// The site's top items by training-order count.
+pub fn popularity_ranking(popularity: &[u32]) -> Vec<u32> {
+    let scores: Vec<f32> = popularity.iter().map(|&c| c as f32).collect();
+    top_k(&scores, K)
+}
+
+/// The customer's own most frequent items, then popular ones to fill the list.
+fn personal_ranking(case: &EvalCase, popular: &[u32]) -> Vec<u32> {
+    let mut own = case.personal.clone();
+    own.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut ranked: Vec<u32> = own.into_iter().map(|(i, _)| i).take(K).collect();
+    for &item in popular {
+        if ranked.len() >= K {
+            break;
+        }
+        if !ranked.contains(&item) {
+            ranked.push(item);
+        }
+    }
+    ranked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_of_known_rankings() {
+        assert_eq!(rank_metrics(&[5, 1, 2], &[5]), (1.0, 1.0));
+        let (hit, ndcg) = rank_metrics(&[1, 5], &[5]);
+        assert_eq!(hit, 1.0);
+        assert!((ndcg - 1.0 / 3f64.log2()).abs() < 1e-12);
+        assert_eq!(rank_metrics(&[1, 2, 3], &[9]), (0.0, 0.0));
+        // Two relevant items at ranks 1 and 3: (1 + 1/2) / (1 + 1/log2 3).
+        let (_, ndcg) = rank_metrics(&[4, 0, 7], &[4, 7]);
+        assert!((ndcg - 1.5 / (1.0 + 1.0 / 3f64.log2())).abs() < 1e-12);
+        // Only the top 10 count.
+        let ranked: Vec<u32> = (0..20).collect();
+        assert_eq!(rank_metrics(&ranked, &[10]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn top_k_orders_by_score_then_index() {
+        assert_eq!(top_k(&[0.1, 0.9, 0.5, 0.9], 3), vec![1, 3, 2]);
+    }
+}

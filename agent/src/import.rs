@@ -1,0 +1,355 @@
+//! Importing an orders CSV into the store.
+//!
+//! Columns (by header name, any order): `customer_id, order_id, timestamp`
+//! (RFC 3339), `item_id, quantity`, and optionally `consent` (true/false).
+//! Other columns are ignored and named in the report. Every row is validated
+//! before anything is written: by default one bad row fails the whole import
+//! with file, line and reason, and the store is unchanged; with
+//! `skip_invalid` the good rows are stored and the bad ones are written, with
+//! their reasons, to a rejects file.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use potluck_shared::model::Menu;
+use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::store::{ImportCounts, OrderLine, SiteStore, StoreError};
+
+const REQUIRED: [&str; 5] = [
+    "customer_id",
+    "order_id",
+    "timestamp",
+    "item_id",
+    "quantity",
+];
+const OPTIONAL: [&str; 1] = ["consent"];
+const MAX_ID_LEN: usize = 256;
+/// How many row errors a failed import spells out.
+const ERRORS_SHOWN: usize = 10;
+
+/// Why an import failed; nothing was written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ImportError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The header lacks a required column or cannot be read.
+    #[error("{path}:1: {reason}")]
+    Header {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Rows are invalid and `skip_invalid` was not set.
+    #[error("{}", describe_rows(path, errors))]
+    InvalidRows {
+        /// The file.
+        path: String,
+        /// Every invalid row.
+        errors: Vec<RowError>,
+    },
+    /// The store refused the write.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe_rows(path: &str, errors: &[RowError]) -> String {
+    let mut lines: Vec<String> = errors
+        .iter()
+        .take(ERRORS_SHOWN)
+        .map(|e| format!("{path}:{}: {}", e.line, e.reason))
+        .collect();
+    if errors.len() > ERRORS_SHOWN {
+        lines.push(format!(
+            "... and {} more invalid rows",
+            errors.len() - ERRORS_SHOWN
+        ));
+    }
+    lines.push(format!(
+        "{} invalid rows; nothing was imported (use --skip-invalid to import the valid rows)",
+        errors.len()
+    ));
+    lines.join("\n")
+}
+
+/// One rejected row.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RowError {
+    /// 1-based line number in the file (the header is line 1).
+    pub line: u64,
+    /// What is wrong.
+    pub reason: String,
+    /// The row's fields as read.
+    #[serde(skip)]
+    pub fields: Vec<String>,
+}
+
+/// How to import.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// Store the valid rows and write the invalid ones to a rejects file.
+    pub skip_invalid: bool,
+    /// Where to write rejects (default: `<file>.rejects.csv`).
+    pub rejects: Option<PathBuf>,
+}
+
+/// What an import did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    /// The file imported.
+    pub file: String,
+    /// Data rows read.
+    pub rows: u64,
+    /// What changed in the store.
+    pub counts: ImportCounts,
+    /// Rows rejected (only with `skip_invalid`).
+    pub rejected: u64,
+    /// Where the rejected rows were written.
+    pub rejects_file: Option<String>,
+    /// Columns present in the file but not kept.
+    pub dropped_columns: Vec<String>,
+}
+
+/// Validated rows, ready to store.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    /// Valid order lines.
+    pub lines: Vec<OrderLine>,
+    /// Consent stated per customer (last row wins).
+    pub consent: BTreeMap<String, bool>,
+    /// Invalid rows.
+    pub errors: Vec<RowError>,
+    /// Data rows read.
+    pub rows: u64,
+    /// The header.
+    pub header: Vec<String>,
+    /// Ignored columns.
+    pub dropped_columns: Vec<String>,
+}
+
+/// Import `path` into `store`, validating against `menu`.
+pub fn import_file(
+    store: &SiteStore,
+    path: &Path,
+    menu: &Menu,
+    options: &ImportOptions,
+) -> Result<ImportReport, ImportError> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| ImportError::Io {
+        path: name.clone(),
+        source,
+    })?;
+    let parsed = parse(file, &name, menu)?;
+    if !parsed.errors.is_empty() && !options.skip_invalid {
+        return Err(ImportError::InvalidRows {
+            path: name,
+            errors: parsed.errors,
+        });
+    }
+    let rejects_file = if parsed.errors.is_empty() {
+        None
+    } else {
+        let target = options
+            .rejects
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("{name}.rejects.csv")));
+        write_rejects(&target, &parsed.header, &parsed.errors).map_err(|source| {
+            ImportError::Io {
+                path: target.display().to_string(),
+                source,
+            }
+        })?;
+        Some(target.display().to_string())
+    };
+    let counts = store.import(&parsed.lines, &parsed.consent)?;
+    Ok(ImportReport {
+        file: name,
+        rows: parsed.rows,
+        counts,
+        rejected: parsed.errors.len() as u64,
+        rejects_file,
+        dropped_columns: parsed.dropped_columns,
+    })
+}
+
+/// Parse and validate an orders CSV; `source` names it in errors.
+pub fn parse(input: impl std::io::Read, source: &str, menu: &Menu) -> Result<Parsed, ImportError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(input);
+    let header_error = |reason: String| ImportError::Header {
+        path: source.to_string(),
+        reason,
+    };
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| header_error(e.to_string()))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let position = |name: &str| header.iter().position(|h| h == name);
+    let mut columns = HashMap::new();
+    for name in REQUIRED {
+        let at = position(name).ok_or_else(|| header_error(format!("missing column {name:?}")))?;
+        columns.insert(name, at);
+    }
+    let consent_col = position("consent");
+    let dropped_columns = header
+        .iter()
+        .filter(|h| !REQUIRED.contains(&h.as_str()) && !OPTIONAL.contains(&h.as_str()))
+        .cloned()
+        .collect();
+    let items: HashSet<&str> = menu.items().iter().map(|i| i.item_id.as_str()).collect();
+    let mut parsed = Parsed {
+        header: header.clone(),
+        dropped_columns,
+        ..Parsed::default()
+    };
+    // order_id -> (customer, time, line first seen), to catch contradictory rows.
+    let mut orders: HashMap<String, (String, i64, u64)> = HashMap::new();
+    let mut seen_lines: HashSet<(String, String, String)> = HashSet::new();
+    for record in reader.records() {
+        parsed.rows += 1;
+        let record = match record {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.position().map_or(parsed.rows + 1, |p| p.line());
+                parsed.errors.push(RowError {
+                    line,
+                    reason: e.to_string(),
+                    fields: vec![],
+                });
+                continue;
+            }
+        };
+        let line = record.position().map_or(parsed.rows + 1, |p| p.line());
+        let fields: Vec<String> = record.iter().map(str::to_string).collect();
+        let field = |name: &str| record.get(columns[name]).unwrap_or("");
+        let consent = consent_col.map(|c| record.get(c).unwrap_or(""));
+        match validate(field, consent, &items) {
+            Err(reason) => parsed.errors.push(RowError {
+                line,
+                reason,
+                fields,
+            }),
+            Ok((order_line, consent)) => {
+                let seen = orders
+                    .entry(order_line.order_id.clone())
+                    .or_insert_with(|| (order_line.customer_id.clone(), order_line.time, line));
+                if seen.0 != order_line.customer_id || seen.1 != order_line.time {
+                    let reason = format!(
+                        "order {:?} has another customer or timestamp at line {}",
+                        order_line.order_id, seen.2
+                    );
+                    parsed.errors.push(RowError {
+                        line,
+                        reason,
+                        fields,
+                    });
+                    continue;
+                }
+                let key = (
+                    order_line.customer_id.clone(),
+                    order_line.order_id.clone(),
+                    order_line.item_id.clone(),
+                );
+                if !seen_lines.insert(key) {
+                    let reason = format!(
+                        "item {:?} appears twice in order {:?}",
+                        order_line.item_id, order_line.order_id
+                    );
+                    parsed.errors.push(RowError {
+                        line,
+                        reason,
+                        fields,
+                    });
+                    continue;
+                }
+                if let Some(c) = consent {
+                    parsed.consent.insert(order_line.customer_id.clone(), c);
+                }
+                parsed.lines.push(order_line);
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+fn validate<'a>(
+    field: impl Fn(&str) -> &'a str,
+    consent: Option<&str>,
+    items: &HashSet<&str>,
+) -> Result<(OrderLine, Option<bool>), String> {
+    let id = |name: &str| {
+        let v = field(name);
+        if v.is_empty() {
+            Err(format!("missing {name}"))
+        } else if v.len() > MAX_ID_LEN {
+            Err(format!("{name} longer than {MAX_ID_LEN} characters"))
+        } else {
+            Ok(v.to_string())
+        }
+    };
+    let customer_id = id("customer_id")?;
+    let order_id = id("order_id")?;
+    let item_id = id("item_id")?;
+    let raw_time = field("timestamp");
+    if raw_time.is_empty() {
+        return Err("missing timestamp".into());
+    }
+    let at = OffsetDateTime::parse(raw_time, &Rfc3339)
+        .map_err(|e| format!("timestamp {raw_time:?} is not RFC 3339: {e}"))?;
+    if !items.contains(item_id.as_str()) {
+        return Err(format!("item {item_id:?} is not on the menu"));
+    }
+    let raw_qty = field("quantity");
+    let quantity: i64 = raw_qty
+        .parse()
+        .map_err(|_| format!("quantity {raw_qty:?} is not a whole number"))?;
+    if quantity < 1 {
+        return Err(format!("quantity must be positive, got {quantity}"));
+    }
+    let quantity =
+        u32::try_from(quantity).map_err(|_| format!("quantity {quantity} is too large"))?;
+    let consent = match consent.map(str::to_ascii_lowercase).as_deref() {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => return Err(format!("consent must be true or false, got {other:?}")),
+    };
+    Ok((
+        OrderLine {
+            customer_id,
+            order_id,
+            item_id,
+            time: at.unix_timestamp(),
+            utc_offset: at.offset().whole_seconds(),
+            quantity,
+        },
+        consent,
+    ))
+}
+
+fn write_rejects(path: &Path, header: &[String], errors: &[RowError]) -> std::io::Result<()> {
+    let mut w = csv::WriterBuilder::new().flexible(true).from_path(path)?;
+    let mut head = vec!["line".to_string(), "reason".to_string()];
+    head.extend(header.iter().cloned());
+    w.write_record(&head)?;
+    for e in errors {
+        let mut row = vec![e.line.to_string(), e.reason.clone()];
+        row.extend(e.fields.iter().cloned());
+        w.write_record(&row)?;
+    }
+    w.flush()
+}

@@ -1,0 +1,19 @@
+//! The Potluck site agent.
+//!
+//! It keeps the site's orders in an embedded store ([`store`]), imports them
+//! from CSV ([`import`]), prepares training and held-out data ([`dataset`]),
+//! trains locally with burn ([`training`]), evaluates ([`evaluation`]), and
+//! takes part in rounds over QUIC ([`client`]) as the async driver of
+//! `potluck_shared::round::SiteSession`. Raw customer data never leaves the
+//! site: only clipped, noised updates and evaluation counts do.
+
+pub mod client;
+pub mod config;
+pub mod dataset;
+pub mod evaluation;
+pub mod import;
+pub mod store;
+pub mod training;
+
+pub use client::{Agent, AgentError};
+pub use config::AgentConfig;

@@ -1,0 +1,88 @@
+//! Local training: SGD on the site's examples, starting from a global model.
+
+use burn::module::Module;
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::Device;
+use potluck_shared::model::{Batch, Example, GlobalModel, ModelError, ModelSpec, Recommender};
+use potluck_shared::wire::TrainSettings;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+/// Why local training could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The site has nothing to train on.
+    #[error("no training examples: no consenting customer has two orders or more")]
+    NoData,
+    /// The model does not fit its spec.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Training diverged.
+    #[error("training diverged (loss is not finite)")]
+    Diverged,
+}
+
+/// The result of local training.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    /// New parameters minus the starting ones, in the canonical layout.
+    pub delta: Vec<f32>,
+    /// Mean training loss over the last epoch.
+    pub loss: f32,
+}
+
+/// Train `params` of `spec` on `examples`; returns new parameters and the mean last-epoch loss.
+pub fn train_params(
+    spec: &ModelSpec,
+    params: &[f32],
+    examples: &[Example],
+    settings: &TrainSettings,
+    seed: u64,
+) -> Result<(Vec<f32>, f32), TrainError> {
+    if examples.is_empty() {
+        return Err(TrainError::NoData);
+    }
+    let device = Device::flex().autodiff();
+    let mut model = Recommender::from_params(spec, params, &device)?;
+    let mut optimizer = SgdConfig::new().init();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let batch_size = settings.batch_size.max(1) as usize;
+    let mut last_loss = f32::NAN;
+    for _ in 0..settings.epochs.max(1) {
+        order.shuffle(&mut rng);
+        let (mut total, mut batches) = (0.0f32, 0u32);
+        for chunk in order.chunks(batch_size) {
+            let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
+            let batch = Batch::new(&refs, spec.menu.len(), &device);
+            let loss = model.loss(&batch);
+            let value: f32 = loss.clone().into_scalar();
+            if !value.is_finite() {
+                return Err(TrainError::Diverged);
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optimizer.step(f64::from(settings.learning_rate), model, grads);
+            total += value;
+            batches += 1;
+        }
+        last_loss = total / batches as f32;
+    }
+    Ok((model.valid().to_params(), last_loss))
+}
+
+/// Train from a global model; returns the delta to send.
+pub fn train(
+    model: &GlobalModel,
+    examples: &[Example],
+    settings: &TrainSettings,
+    seed: u64,
+) -> Result<Trained, TrainError> {
+    let (params, loss) = train_params(&model.spec, &model.params, examples, settings, seed)?;
+    let delta = params
+        .iter()
+        .zip(&model.params)
+        .map(|(n, o)| n - o)
+        .collect();
+    Ok(Trained { delta, loss })
+}

@@ -1,0 +1,327 @@
+//! `coordinator.toml`. Relative paths are resolved against the file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use potluck_shared::model::ModelDims;
+use potluck_shared::round::RoundConfig;
+use potluck_shared::wire::TrainSettings;
+use potluck_shared::wire::frame::DEFAULT_MAX_FRAME;
+use serde::Deserialize;
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid for this configuration.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+}
+
+/// The coordinator's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// UDP address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Where models, metrics and round state are kept.
+    pub state_dir: PathBuf,
+    /// The franchise menu (item_id,name,category).
+    pub menu: PathBuf,
+    /// The franchise CA and the coordinator's certificate.
+    pub tls: TlsFiles,
+    /// Round lifecycle settings.
+    #[serde(default)]
+    pub rounds: RoundsSection,
+    /// Local training and privacy settings sent to sites.
+    #[serde(default)]
+    pub training: TrainSettings,
+    /// Model shape.
+    #[serde(default)]
+    pub model: ModelSection,
+    /// Limits on what sites may send.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Paths of the coordinator's PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The franchise CA certificate.
+    pub ca: PathBuf,
+    /// The coordinator's certificate.
+    pub cert: PathBuf,
+    /// The coordinator's private key.
+    pub key: PathBuf,
+}
+
+/// `[rounds]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundsSection {
+    /// Updates needed for a round to count, and sites needed to open one.
+    pub min_sites: usize,
+    /// Stop after this many completed rounds; absent: train until stopped.
+    pub max_rounds: Option<u64>,
+    /// Seconds sites have to send updates.
+    pub train_timeout_secs: f64,
+    /// Seconds sites have to report evaluation.
+    pub eval_timeout_secs: f64,
+    /// Seconds to wait after an abandoned round.
+    pub retry_delay_secs: f64,
+    /// Seconds to wait for more sites once `min_sites` are connected, before the first round.
+    pub cohort_wait_secs: f64,
+    /// Step size applied to the averaged update.
+    pub server_learning_rate: f32,
+}
+
+impl Default for RoundsSection {
+    fn default() -> Self {
+        let d = RoundConfig::default();
+        Self {
+            min_sites: d.min_sites,
+            max_rounds: d.max_rounds,
+            train_timeout_secs: d.train_timeout.as_secs_f64(),
+            eval_timeout_secs: d.eval_timeout.as_secs_f64(),
+            retry_delay_secs: d.retry_delay.as_secs_f64(),
+            cohort_wait_secs: d.cohort_wait.as_secs_f64(),
+            server_learning_rate: d.server_learning_rate,
+        }
+    }
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Width of item embeddings.
+    pub embedding: usize,
+    /// Width of each context embedding.
+    pub context: usize,
+    /// Width of the hidden layer.
+    pub hidden: usize,
+    /// Recency decay of history pooling.
+    pub history_decay: f32,
+    /// Seed of the initial model.
+    pub seed: u64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        let dims = ModelDims::default();
+        Self {
+            embedding: dims.embedding,
+            context: dims.context,
+            hidden: dims.hidden,
+            history_decay: 0.8,
+            seed: 1,
+        }
+    }
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame accepted from a site, in bytes.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:7443".parse().expect("valid address")
+}
+
+impl CoordinatorConfig {
+    /// Read, resolve and check a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: name.clone(),
+            message: e.to_string(),
+        })?;
+        config.resolve(path.parent().unwrap_or(Path::new(".")));
+        config.check().map_err(|message| ConfigError::Invalid {
+            path: name,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        for p in [
+            &mut self.state_dir,
+            &mut self.menu,
+            &mut self.tls.ca,
+            &mut self.tls.cert,
+            &mut self.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Reject settings that cannot work, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let r = &self.rounds;
+        let t = &self.training;
+        let positive = [
+            ("rounds.train_timeout_secs", r.train_timeout_secs),
+            ("rounds.eval_timeout_secs", r.eval_timeout_secs),
+            ("training.learning_rate", f64::from(t.learning_rate)),
+            ("training.clip_norm", f64::from(t.clip_norm)),
+            (
+                "rounds.server_learning_rate",
+                f64::from(r.server_learning_rate),
+            ),
+        ];
+        for (field, value) in positive {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("{field} must be a positive number, got {value}"));
+            }
+        }
+        for (field, value) in [
+            ("rounds.retry_delay_secs", r.retry_delay_secs),
+            ("rounds.cohort_wait_secs", r.cohort_wait_secs),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(format!("{field} must not be negative, got {value}"));
+            }
+        }
+        if !(t.noise_std.is_finite() && t.noise_std >= 0.0) {
+            return Err("training.noise_std must not be negative".into());
+        }
+        if r.min_sites == 0 {
+            return Err("rounds.min_sites must be at least 1".into());
+        }
+        if t.epochs == 0 || t.batch_size == 0 {
+            return Err("training.epochs and training.batch_size must be at least 1".into());
+        }
+        let d = &self.model;
+        if d.embedding == 0 || d.context == 0 || d.hidden == 0 {
+            return Err("model dimensions must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.model.history_decay) {
+            return Err("model.history_decay must be between 0 and 1".into());
+        }
+        Ok(())
+    }
+
+    /// The model's layer widths.
+    pub fn model_dims(&self) -> ModelDims {
+        ModelDims {
+            embedding: self.model.embedding,
+            context: self.model.context,
+            hidden: self.model.hidden,
+        }
+    }
+
+    /// The round lifecycle settings.
+    pub fn round_config(&self) -> RoundConfig {
+        let r = &self.rounds;
+        RoundConfig {
+            min_sites: r.min_sites,
+            max_rounds: r.max_rounds,
+            train_timeout: Duration::from_secs_f64(r.train_timeout_secs),
+            eval_timeout: Duration::from_secs_f64(r.eval_timeout_secs),
+            retry_delay: Duration::from_secs_f64(r.retry_delay_secs),
+            cohort_wait: Duration::from_secs_f64(r.cohort_wait_secs),
+            server_learning_rate: r.server_learning_rate,
+            settings: self.training.clone(),
+        }
+    }
+
+    /// A starter config next to a PKI directory made by `ca init`.
+    pub fn starter(pki: &str, listen: SocketAddr) -> String {
+        format!(
+            "# Potluck coordinator configuration. Relative paths are relative to this file.\n\
+             listen = \"{listen}\"\n\
+             state_dir = \"state\"\n\
+             menu = \"menu.csv\"\n\
+             \n\
+             [tls]\n\
+             ca = \"{pki}/ca.pem\"\n\
+             cert = \"{pki}/coordinator.pem\"\n\
+             key = \"{pki}/coordinator.key\"\n\
+             \n\
+             [rounds]\n\
+             min_sites = 3\n\
+             # max_rounds = 10   # absent: train until stopped\n\
+             train_timeout_secs = 120\n\
+             eval_timeout_secs = 30\n\
+             retry_delay_secs = 5\n\
+             cohort_wait_secs = 2\n\
+             server_learning_rate = 1.0\n\
+             \n\
+             [training]\n\
+             epochs = 2\n\
+             learning_rate = 0.5\n\
+             batch_size = 32\n\
+             clip_norm = 2.0\n\
+             noise_std = 0.01\n"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("coordinator.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn starter_parses_with_defaults() {
+        let (dir, path) = write(&CoordinatorConfig::starter(
+            "pki",
+            "127.0.0.1:7443".parse().unwrap(),
+        ));
+        let config = CoordinatorConfig::load(&path).unwrap();
+        assert_eq!(config.tls.ca, dir.path().join("pki/ca.pem"));
+        assert_eq!(config.round_config().min_sites, 3);
+        assert_eq!(config.training, TrainSettings::default());
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let base = CoordinatorConfig::starter("pki", "127.0.0.1:7443".parse().unwrap());
+        let (_d, path) = write(&base.replace("clip_norm = 2.0", "clip_norm = -1.0"));
+        let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("training.clip_norm"), "{err}");
+        let (_d, path) = write(&base.replace("min_sites = 3", "min_sits = 3"));
+        let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("min_sits"), "{err}");
+    }
+}

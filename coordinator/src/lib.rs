@@ -1,0 +1,14 @@
+//! The Potluck coordinator.
+//!
+//! It holds the franchise PKI ([`pki`]), serves QUIC with mutual TLS
+//! ([`server`]) as the async driver of `potluck_shared::round::Coordinator`,
+//! and keeps model versions and metrics under its state directory ([`state`]).
+
+pub mod config;
+pub mod pki;
+pub mod report;
+pub mod server;
+pub mod state;
+
+pub use config::CoordinatorConfig;
+pub use server::{RunSummary, ServeError, Server};

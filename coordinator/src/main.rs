@@ -1,0 +1,250 @@
+//! `potluck-coordinator`: the central team's command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use potluck_coordinator::pki::{Enrollment, PkiDir};
+use potluck_coordinator::report::{self, RoundLine};
+use potluck_coordinator::{CoordinatorConfig, Server};
+use potluck_shared::SiteId;
+use potluck_shared::synth::{self, SynthConfig};
+use potluck_shared::tls::Validity;
+
+/// The Potluck coordinator: runs the franchise CA, enrols sites, and combines
+/// their model updates into a global model that it sends back to them.
+#[derive(Debug, Parser)]
+#[command(name = "potluck-coordinator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage the franchise certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue a certificate to a site and write its bundle (certificate, key, CA, agent.toml).
+    Enroll(EnrollArgs),
+    /// Run training rounds with the enrolled sites.
+    Serve {
+        /// The coordinator's configuration file.
+        #[arg(long, default_value = "/etc/potluck/coordinator.toml")]
+        config: PathBuf,
+    },
+    /// Print a starter coordinator.toml for a PKI directory made by `ca init`.
+    ConfigTemplate {
+        /// The PKI directory, as the config should name it.
+        #[arg(long, default_value = "pki")]
+        pki: String,
+        /// The UDP address to listen on.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+    },
+    /// Generate a synthetic franchise: menu.csv and one orders CSV per site.
+    Synth(SynthArgs),
+    /// Print a per-round table from metrics.jsonl and compare the final model with baselines.
+    Report {
+        /// The coordinator's metrics.jsonl.
+        #[arg(long)]
+        metrics: PathBuf,
+        /// JSON lines from `potluck-agent local-only --json`, to compare with.
+        #[arg(long)]
+        local_only: Option<PathBuf>,
+        /// Print the comparison as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create the franchise CA and the coordinator's certificate.
+    Init {
+        /// Directory for the CA (created with mode 0700; keys are written with mode 0600).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The franchise's name, written into every certificate.
+        #[arg(long)]
+        franchise: String,
+        /// Extra DNS names or IP addresses the coordinator is reached at
+        /// (coordinator, localhost and 127.0.0.1 are always included).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Validity of the CA and coordinator certificates, in days.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+        /// Replace an existing CA (every site must then be re-enrolled).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// The PKI directory made by `ca init`.
+    #[arg(long)]
+    pki: PathBuf,
+    /// The site's ID: 1 to 64 lowercase letters, digits or '-'.
+    #[arg(long)]
+    site: SiteId,
+    /// Directory to write the site's bundle to.
+    #[arg(long)]
+    out: PathBuf,
+    /// The coordinator's address, written into agent.toml.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    coordinator: SocketAddr,
+    /// The franchise menu to include in the bundle (for imports before the first connection).
+    #[arg(long)]
+    menu: Option<PathBuf>,
+    /// Certificate validity in days.
+    #[arg(long, default_value_t = 397)]
+    days: u32,
+    /// Re-enrol a site that has a certificate already.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+struct SynthArgs {
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of sites.
+    #[arg(long, default_value_t = 5)]
+    sites: usize,
+    /// Customers per site.
+    #[arg(long, default_value_t = 200)]
+    customers: usize,
+    /// Menu items (40 to 120).
+    #[arg(long, default_value_t = 60)]
+    menu_items: usize,
+    /// Days of order history.
+    #[arg(long, default_value_t = 180)]
+    days: u32,
+    /// Seed; the same settings and seed give the same data.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Leave out the audit-only age_band and gender columns.
+    #[arg(long)]
+    no_sensitive: bool,
+}
+
+fn main() -> Result<()> {
+    potluck_shared::service::init_logging();
+    match Cli::parse().command {
+        Command::Ca(CaCommand::Init {
+            dir,
+            franchise,
+            hosts,
+            days,
+            force,
+        }) => {
+            PkiDir::new(&dir).init(&franchise, &hosts, days, force)?;
+            println!(
+                "created the {franchise} CA and the coordinator certificate in {}",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Enroll(args) => enroll(args),
+        Command::Serve { config } => serve(&config),
+        Command::ConfigTemplate { pki, listen } => {
+            print!("{}", CoordinatorConfig::starter(&pki, listen));
+            Ok(())
+        }
+        Command::Synth(args) => generate(args),
+        Command::Report {
+            metrics,
+            local_only,
+            json,
+        } => report(&metrics, local_only.as_deref(), json),
+    }
+}
+
+fn enroll(args: EnrollArgs) -> Result<()> {
+    let request = Enrollment {
+        site: args.site.clone(),
+        out: args.out.clone(),
+        coordinator: args.coordinator,
+        menu: args.menu,
+        validity: Validity::days_from_now(args.days),
+        force: args.force,
+    };
+    PkiDir::new(&args.pki).enroll(&request)?;
+    println!("enrolled site {} -> {}", args.site, args.out.display());
+    Ok(())
+}
+
+fn serve(config: &Path) -> Result<()> {
+    let config =
+        CoordinatorConfig::load(config).context("loading the coordinator configuration")?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::bind(config)?;
+        let summary = server
+            .run(potluck_shared::service::shutdown_signal())
+            .await?;
+        tracing::info!(
+            rounds = summary.rounds_completed,
+            abandoned = summary.rounds_abandoned,
+            model_version = summary.model_version,
+            "coordinator stopped"
+        );
+        Ok(())
+    })
+}
+
+fn generate(args: SynthArgs) -> Result<()> {
+    let config = SynthConfig {
+        seed: args.seed,
+        sites: args.sites,
+        customers_per_site: args.customers,
+        menu_items: args.menu_items,
+        days: args.days,
+        sensitive_columns: !args.no_sensitive,
+        ..SynthConfig::default()
+    };
+    let franchise = synth::generate(&config);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let menu_path = args.out.join("menu.csv");
+    let file = std::fs::File::create(&menu_path)
+        .with_context(|| format!("writing {}", menu_path.display()))?;
+    franchise.menu.write_csv(file)?;
+    for site in &franchise.sites {
+        let path = args.out.join(format!("{}.csv", site.site));
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
+        synth::write_orders_csv(&site.rows, file)?;
+    }
+    println!(
+        "wrote {} ({} items) and {} site order files to {}",
+        menu_path.display(),
+        franchise.menu.len(),
+        franchise.sites.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn report(metrics: &Path, local_only: Option<&Path>, json: bool) -> Result<()> {
+    let rounds: Vec<RoundLine> = report::read_lines(metrics)?;
+    let local = match local_only {
+        Some(path) => report::read_lines(path)?,
+        None => Vec::new(),
+    };
+    let comparison = report::compare(&rounds, local);
+    if json {
+        println!("{}", serde_json::to_string(&comparison)?);
+    } else {
+        print!(
+            "{}\n{}",
+            report::table(&rounds),
+            report::describe(&comparison)
+        );
+    }
+    Ok(())
+}

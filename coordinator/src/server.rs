@@ -1,0 +1,527 @@
+//! The coordinator's QUIC server: a thin async driver around
+//! `potluck_shared::round::Coordinator`.
+//!
+//! Each connection gets a task that checks the peer's identity and `Hello`,
+//! then forwards decoded messages to the driver loop; a frame that is
+//! oversized or malformed closes that connection only. The driver loop owns
+//! the state machine, persists what it commits before sending anything, and
+//! fires its timers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use potluck_shared::SiteId;
+use potluck_shared::model::{Menu, ModelSpec};
+use potluck_shared::round::{Coordinator, CoordinatorEvent, RoundSummary};
+use potluck_shared::tls::{self, Identity};
+use potluck_shared::transport::{self, CloseCode, TransportError};
+use potluck_shared::wire::{CoordinatorMessage, PROTOCOL_VERSION, SiteMessage};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::CoordinatorConfig;
+use crate::state::{StateDir, StateError};
+
+/// How long a new connection has to open its stream and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued for one site before it counts as too slow and is closed.
+const OUTBOX: usize = 64;
+
+/// Why the coordinator cannot serve.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The menu is unusable.
+    #[error(transparent)]
+    Menu(#[from] potluck_shared::model::MenuError),
+    /// State could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The UDP socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+type ConnId = u64;
+
+enum Input {
+    Connected {
+        site: SiteId,
+        conn: ConnId,
+        outbox: mpsc::Sender<Arc<CoordinatorMessage>>,
+        connection: quinn::Connection,
+    },
+    Message {
+        site: SiteId,
+        conn: ConnId,
+        message: SiteMessage,
+        len: usize,
+    },
+    Disconnected {
+        site: SiteId,
+        conn: ConnId,
+    },
+}
+
+struct Peer {
+    conn: ConnId,
+    outbox: mpsc::Sender<Arc<CoordinatorMessage>>,
+    connection: quinn::Connection,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// Rounds completed.
+    pub rounds_completed: u64,
+    /// Rounds abandoned.
+    pub rounds_abandoned: u64,
+    /// The last model version.
+    pub model_version: u64,
+}
+
+/// A bound coordinator, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    config: CoordinatorConfig,
+    state: StateDir,
+    endpoint: quinn::Endpoint,
+    franchise: Arc<str>,
+}
+
+impl Server {
+    /// Load credentials, menu and state, and bind the UDP socket.
+    pub fn bind(config: CoordinatorConfig) -> Result<Self, ServeError> {
+        let identity = Identity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+        let franchise: Arc<str> = tls::franchise_of(&identity.ca)?.into();
+        // Fail early, naming the file, if the menu or the stored lineage is unusable.
+        Menu::load(&config.menu)?;
+        let state = StateDir::open(&config.state_dir)?;
+        let server_config = tls::server_config(identity)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            ServeError::Bind {
+                addr: config.listen,
+                source,
+            }
+        })?;
+        Ok(Self {
+            config,
+            state,
+            endpoint,
+            franchise,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Run rounds until `max_rounds` complete or `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, ServeError> {
+        let mut spec = ModelSpec::new(Menu::load(&self.config.menu)?);
+        spec.dims = self.config.model_dims();
+        spec.history_decay = self.config.model.history_decay;
+        let model = self.state.load_or_init(spec, self.config.model.seed)?;
+        let next_round = self.state.next_round()?;
+        info!(
+            franchise = %self.franchise,
+            listen = %self.local_addr().map_err(|source| ServeError::Bind { addr: self.config.listen, source })?,
+            model_version = %model.version,
+            spec = %model.spec.hash(),
+            parameters = model.params.len(),
+            "coordinator ready; waiting for {} sites",
+            self.config.rounds.min_sites
+        );
+        let mut driver = Driver {
+            coordinator: Coordinator::new(self.config.round_config(), model, next_round),
+            state: self.state.clone(),
+            peers: HashMap::new(),
+            summary: RunSummary::default(),
+        };
+        let (input_tx, mut inputs) = mpsc::channel(1024);
+        let accept = tokio::spawn(accept_loop(
+            self.endpoint.clone(),
+            input_tx,
+            self.franchise.clone(),
+            self.config.limits.max_frame_bytes,
+        ));
+        tokio::pin!(shutdown);
+        let result = loop {
+            if let Err(e) = driver.flush() {
+                break Err(e);
+            }
+            if driver.coordinator.is_finished() {
+                break Ok(());
+            }
+            let timer = driver.coordinator.poll_timeout();
+            let sleep = tokio::time::sleep_until(
+                timer.map_or_else(far_future, tokio::time::Instant::from_std),
+            );
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break Ok(()),
+                Some(input) = inputs.recv() => driver.handle(input),
+                () = sleep, if timer.is_some() => driver.coordinator.handle_timeout(Instant::now()),
+            }
+        };
+        accept.abort();
+        // Dropping the outboxes lets each writer send what is queued (the final
+        // model) and finish its stream; agents then close their side.
+        let connections: Vec<_> = driver.peers.drain().map(|(_, p)| p.connection).collect();
+        for connection in connections {
+            let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+        }
+        self.endpoint
+            .close(CloseCode::Shutdown.into(), b"coordinator shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        driver.summary.model_version = driver.coordinator.model().version.0;
+        result.map(|()| driver.summary)
+    }
+}
+
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(86_400)
+}
+
+struct Driver {
+    coordinator: Coordinator,
+    state: StateDir,
+    peers: HashMap<SiteId, Peer>,
+    summary: RunSummary,
+}
+
+impl Driver {
+    fn handle(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Connected {
+                site,
+                conn,
+                outbox,
+                connection,
+            } => {
+                if let Some(old) = self.peers.insert(
+                    site.clone(),
+                    Peer {
+                        conn,
+                        outbox,
+                        connection,
+                    },
+                ) {
+                    old.connection
+                        .close(CloseCode::Normal.into(), b"replaced by a newer connection");
+                    self.coordinator.handle_disconnected(&site, now);
+                }
+                info!(%site, "site connected");
+                self.coordinator.handle_connected(site, now);
+            }
+            Input::Message {
+                site,
+                conn,
+                message,
+                len,
+            } => {
+                if self.peers.get(&site).is_none_or(|p| p.conn != conn) {
+                    return;
+                }
+                if let Err(violation) = self.coordinator.handle_message(&site, message, len, now) {
+                    warn!(%site, %violation, "protocol violation; closing the site's connection");
+                    self.drop_peer(
+                        &site,
+                        CloseCode::ProtocolViolation,
+                        &violation.to_string(),
+                        now,
+                    );
+                }
+            }
+            Input::Disconnected { site, conn } => {
+                if self.peers.get(&site).is_some_and(|p| p.conn == conn) {
+                    self.peers.remove(&site);
+                    info!(%site, "site disconnected");
+                    self.coordinator.handle_disconnected(&site, now);
+                }
+            }
+        }
+    }
+
+    fn drop_peer(&mut self, site: &SiteId, code: CloseCode, reason: &str, now: Instant) {
+        if let Some(peer) = self.peers.remove(site) {
+            peer.connection.close(code.into(), reason.as_bytes());
+            self.coordinator.handle_disconnected(site, now);
+        }
+    }
+
+    /// Act on events (persisting first), then send what is queued.
+    fn flush(&mut self) -> Result<(), ServeError> {
+        loop {
+            while let Some(event) = self.coordinator.poll_event() {
+                self.on_event(event)?;
+            }
+            let Some(transmit) = self.coordinator.poll_transmit() else {
+                return Ok(());
+            };
+            let Some(peer) = self.peers.get(&transmit.to) else {
+                continue;
+            };
+            if peer.outbox.try_send(transmit.message).is_err() {
+                warn!(site = %transmit.to, "site is not reading its messages; closing its connection");
+                self.drop_peer(&transmit.to, CloseCode::Normal, "too slow", Instant::now());
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: CoordinatorEvent) -> Result<(), ServeError> {
+        match event {
+            CoordinatorEvent::RoundOpened {
+                round,
+                model_version,
+                cohort,
+            } => {
+                self.state.round_opened(round)?;
+                info!(%round, %model_version, sites = cohort.len(), "round opened");
+            }
+            CoordinatorEvent::ModelCommitted(model) => self.state.save_model(&model)?,
+            CoordinatorEvent::RoundCompleted(summary) => {
+                self.summary.rounds_completed += 1;
+                info!("{}", describe(&summary));
+                self.state.append_metrics(&metrics_line(&summary))?;
+            }
+            CoordinatorEvent::RoundAbandoned {
+                round,
+                received,
+                reason,
+            } => {
+                self.summary.rounds_abandoned += 1;
+                warn!(%round, received, %reason, "round abandoned; it will be retried");
+            }
+            CoordinatorEvent::SiteDeclined {
+                site,
+                round,
+                reason,
+            } => {
+                warn!(%site, %round, %reason, "site declined the round");
+            }
+            CoordinatorEvent::TrainingFinished => info!("all configured rounds completed"),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn mean(sums: &potluck_shared::wire::MetricSums, cases: u64) -> (Option<f64>, Option<f64>) {
+    match sums.means(cases) {
+        Some((hr, ndcg)) => (Some(hr), Some(ndcg)),
+        None => (None, None),
+    }
+}
+
+/// The `metrics.jsonl` record of a round.
+pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
+    let (hr, ndcg) = mean(&s.eval.model, s.eval.cases);
+    let (pop_hr, pop_ndcg) = mean(&s.eval.popularity, s.eval.cases);
+    let (own_hr, own_ndcg) = mean(&s.eval.personal, s.eval.cases);
+    serde_json::json!({
+        "round": s.round.0,
+        "model_version": s.model_version.0,
+        "participants": s.participants,
+        "dropped": s.dropped,
+        "train_loss": s.train_loss,
+        "eval_hr_at_10": hr,
+        "eval_ndcg_at_10": ndcg,
+        "baseline_popularity_hr_at_10": pop_hr,
+        "baseline_popularity_ndcg_at_10": pop_ndcg,
+        "baseline_personal_hr_at_10": own_hr,
+        "baseline_personal_ndcg_at_10": own_ndcg,
+        "eval_cases": s.eval.cases,
+        "eval_sites": s.eval_sites,
+        "round_seconds": s.duration.as_secs_f64(),
+        "bytes_received": s.bytes_received,
+        "secure_aggregation": false,
+        "completed_at": time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    })
+}
+
+fn describe(s: &RoundSummary) -> String {
+    let pct = |sums: &potluck_shared::wire::MetricSums| {
+        sums.means(s.eval.cases)
+            .map_or("n/a".to_string(), |(hr, _)| format!("{hr:.3}"))
+    };
+    format!(
+        "round {} -> model v{}: {} sites ({} dropped), loss {:.3}, HR@10 {} (popularity {}, personal {}) on {} held-out orders, {:.1} s, {} kB received",
+        s.round,
+        s.model_version,
+        s.participants,
+        s.dropped,
+        s.train_loss,
+        pct(&s.eval.model),
+        pct(&s.eval.popularity),
+        pct(&s.eval.personal),
+        s.eval.cases,
+        s.duration.as_secs_f64(),
+        s.bytes_received / 1000
+    )
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    inputs: mpsc::Sender<Input>,
+    franchise: Arc<str>,
+    max_frame: usize,
+) {
+    let mut next_conn: ConnId = 0;
+    while let Some(incoming) = endpoint.accept().await {
+        next_conn += 1;
+        let conn = next_conn;
+        let inputs = inputs.clone();
+        let franchise = franchise.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            if let Err(reason) =
+                serve_connection(incoming, conn, inputs, &franchise, max_frame).await
+            {
+                warn!(%remote, %reason, "connection refused");
+            }
+        });
+    }
+}
+
+/// Handshake, identity, hello; then forward messages until the connection ends.
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    conn: ConnId,
+    inputs: mpsc::Sender<Input>,
+    franchise: &str,
+    max_frame: usize,
+) -> Result<(), String> {
+    let connection = incoming
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let site = match tls::site_id_of(&connection) {
+        Ok(site) => site,
+        Err(e) => {
+            connection.close(CloseCode::Unauthorized.into(), b"no site identity");
+            return Err(e.to_string());
+        }
+    };
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+        .await
+        .map_err(|_| format!("site {site} opened no stream"))?
+        .map_err(|e| format!("site {site}: {e}"))?;
+    let hello = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        transport::read_message::<SiteMessage>(&mut recv, max_frame),
+    )
+    .await
+    .map_err(|_| format!("site {site} sent no hello"))?;
+    match hello {
+        Ok(Some((
+            SiteMessage::Hello {
+                protocol_version,
+                agent_version,
+            },
+            _,
+        ))) => {
+            if protocol_version != PROTOCOL_VERSION {
+                let reason = format!(
+                    "site speaks protocol version {protocol_version}, this coordinator speaks {PROTOCOL_VERSION}"
+                );
+                let refused = CoordinatorMessage::Refused {
+                    reason: reason.clone(),
+                };
+                let _ = transport::write_message(&mut send, &refused, max_frame).await;
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+                connection.close(CloseCode::VersionMismatch.into(), reason.as_bytes());
+                return Err(format!("site {site} (agent {agent_version}): {reason}"));
+            }
+        }
+        Ok(Some(_)) => {
+            connection.close(CloseCode::ProtocolViolation.into(), b"expected hello");
+            return Err(format!("site {site}: first message was not hello"));
+        }
+        Ok(None) => return Err(format!("site {site} closed before hello")),
+        Err(e) => {
+            connection.close(e.close_code().into(), e.to_string().as_bytes());
+            return Err(format!("site {site}: {e}"));
+        }
+    }
+    let welcome = CoordinatorMessage::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        franchise: franchise.to_string(),
+    };
+    transport::write_message(&mut send, &welcome, max_frame)
+        .await
+        .map_err(|e| format!("site {site}: {e}"))?;
+    let (outbox_tx, mut outbox) = mpsc::channel::<Arc<CoordinatorMessage>>(OUTBOX);
+    let connected = Input::Connected {
+        site: site.clone(),
+        conn,
+        outbox: outbox_tx,
+        connection: connection.clone(),
+    };
+    if inputs.send(connected).await.is_err() {
+        return Ok(()); // shutting down
+    }
+    let writer_connection = connection.clone();
+    tokio::spawn(async move {
+        while let Some(message) = outbox.recv().await {
+            if let Err(e) = transport::write_message(&mut send, &*message, max_frame).await {
+                writer_connection.close(e.close_code().into(), e.to_string().as_bytes());
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    let result = read_loop(&site, conn, &mut recv, &inputs, max_frame).await;
+    if let Err(e) = &result {
+        connection.close(e.close_code().into(), e.to_string().as_bytes());
+    }
+    let _ = inputs
+        .send(Input::Disconnected {
+            site: site.clone(),
+            conn,
+        })
+        .await;
+    result.map_err(|e| format!("site {site}: closing connection: {e}"))
+}
+
+async fn read_loop(
+    site: &SiteId,
+    conn: ConnId,
+    recv: &mut quinn::RecvStream,
+    inputs: &mpsc::Sender<Input>,
+    max_frame: usize,
+) -> Result<(), TransportError> {
+    loop {
+        match transport::read_message::<SiteMessage>(recv, max_frame).await {
+            Ok(Some((message, len))) => {
+                let input = Input::Message {
+                    site: site.clone(),
+                    conn,
+                    message,
+                    len,
+                };
+                if inputs.send(input).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(TransportError::Stream(_)) => return Ok(()), // the connection ended
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# A whole local federation, end to end, on embedded defaults:
+# synthetic franchise -> CA -> enrolled sites with imported orders ->
+# coordinator + one agent process per site over loopback QUIC -> rounds ->
+# per-round table and final comparison (federated vs baselines vs local-only).
+set -euo pipefail
+
+usage() {
+  cat <<'TXT'
+Usage: scripts/demo.sh [--out DIR] [--sites N] [--rounds R] [--port P] [--release]
+
+  --out DIR    where everything is written (default ./demo-run; replaced if it exists)
+  --sites N    number of restaurant sites (default 5, at least 3)
+  --rounds R   training rounds (default 10)
+  --port P     the coordinator's UDP port on 127.0.0.1 (default 7443)
+  --release    build optimised binaries (slower first build, faster rounds)
+
+The coordinator's state, including metrics.jsonl, ends up in DIR/coordinator/,
+process logs in DIR/logs/.
+TXT
+}
+
+OUT=./demo-run
+SITES=5
+ROUNDS=10
+PORT=7443
+PROFILE=debug
+CARGO_FLAGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --sites) SITES="$2"; shift 2 ;;
+    --rounds) ROUNDS="$2"; shift 2 ;;
+    --port) PORT="$2"; shift 2 ;;
+    --release) PROFILE=release; CARGO_FLAGS=(--release); shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "demo.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+if [ "$SITES" -lt 3 ]; then echo "demo.sh: --sites must be at least 3" >&2; exit 2; fi
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+echo "==> building (first build compiles burn and takes several minutes)"
+cargo build --manifest-path "$ROOT/Cargo.toml" "${CARGO_FLAGS[@]}" -p potluck-coordinator -p potluck-agent
+BIN="$ROOT/target/$PROFILE"
+COORD="$BIN/potluck-coordinator"
+AGENT="$BIN/potluck-agent"
+
+PIDS=()
+cleanup() {
+  local status=$?
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'echo "demo.sh: interrupted" >&2; exit 130' INT TERM
+
+rm -rf "$OUT"
+mkdir -p "$OUT/logs" "$OUT/sites"
+OUT="$(cd "$OUT" && pwd)"
+
+echo "==> generating a synthetic franchise of $SITES sites"
+"$COORD" synth --out "$OUT/data" --sites "$SITES" --seed 7
+echo "==> creating the franchise CA"
+"$COORD" ca init --dir "$OUT/pki" --franchise "Demo Franchise"
+
+cat > "$OUT/coordinator.toml" <<TOML
+listen = "127.0.0.1:$PORT"
+state_dir = "coordinator"
+menu = "data/menu.csv"
+
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/coordinator.pem"
+key = "pki/coordinator.key"
+
+[rounds]
+min_sites = $SITES
+max_rounds = $ROUNDS
+train_timeout_secs = 120
+eval_timeout_secs = 60
+retry_delay_secs = 2
+TOML
+
+SITE_IDS=()
+for f in "$OUT"/data/site-*.csv; do SITE_IDS+=("$(basename "$f" .csv)"); done
+echo "==> enrolling and importing ${#SITE_IDS[@]} sites"
+for site in "${SITE_IDS[@]}"; do
+  "$COORD" enroll --pki "$OUT/pki" --site "$site" --out "$OUT/sites/$site" \
+    --coordinator "127.0.0.1:$PORT" --menu "$OUT/data/menu.csv" >/dev/null
+  "$AGENT" import --config "$OUT/sites/$site/agent.toml" "$OUT/data/$site.csv"
+done
+
+echo "==> starting the coordinator and $SITES agents ($ROUNDS rounds)"
+"$COORD" serve --config "$OUT/coordinator.toml" 2>"$OUT/logs/coordinator.log" &
+COORD_PID=$!
+PIDS+=("$COORD_PID")
+for site in "${SITE_IDS[@]}"; do
+  "$AGENT" run --config "$OUT/sites/$site/agent.toml" 2>"$OUT/logs/$site.log" &
+  PIDS+=("$!")
+done
+
+# Show round lines as they complete, until the coordinator finishes.
+tail -n +1 -f "$OUT/logs/coordinator.log" --pid "$COORD_PID" 2>/dev/null | grep --line-buffered -E "round .* -> model|abandoned|ERROR" || true
+if ! wait "$COORD_PID"; then
+  echo "demo.sh: the coordinator failed; see $OUT/logs/coordinator.log" >&2
+  exit 1
+fi
+for pid in "${PIDS[@]:1}"; do kill "$pid" 2>/dev/null || true; done
+for pid in "${PIDS[@]:1}"; do wait "$pid" 2>/dev/null || true; done
+PIDS=()
+
+echo "==> training a local-only model at each site, for comparison"
+: > "$OUT/local-only.jsonl"
+for site in "${SITE_IDS[@]}"; do
+  "$AGENT" local-only --config "$OUT/sites/$site/agent.toml" --rounds "$ROUNDS" --json >> "$OUT/local-only.jsonl"
+done
+
+echo
+"$COORD" report --metrics "$OUT/coordinator/metrics.jsonl" --local-only "$OUT/local-only.jsonl"
+echo
+echo "Everything is in $OUT (metrics: $OUT/coordinator/metrics.jsonl, logs: $OUT/logs/)."

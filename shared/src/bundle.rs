@@ -1,0 +1,47 @@
+//! The site bundle: what enrolment writes and the agent reads.
+//!
+//! ```text
+//! site.pem  site.key (0600)  ca.pem  agent.toml  [menu.csv]
+//! ```
+
+use std::net::SocketAddr;
+
+use crate::SiteId;
+
+/// The site certificate.
+pub const SITE_CERT: &str = "site.pem";
+/// The site's private key.
+pub const SITE_KEY: &str = "site.key";
+/// The franchise CA certificate.
+pub const CA_CERT: &str = "ca.pem";
+/// The agent configuration.
+pub const AGENT_CONFIG: &str = "agent.toml";
+/// The franchise menu, when enrolment was given one.
+pub const MENU: &str = "menu.csv";
+
+/// A starter `agent.toml` whose paths are relative to the bundle.
+pub fn agent_toml(
+    site: &SiteId,
+    coordinator: SocketAddr,
+    server_name: &str,
+    with_menu: bool,
+) -> String {
+    let menu = if with_menu {
+        format!("menu = \"{MENU}\"\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "# Potluck agent configuration for site {site}.\n\
+         # Relative paths are relative to this file.\n\
+         site_id = \"{site}\"\n\
+         coordinator = \"{coordinator}\"\n\
+         server_name = \"{server_name}\"\n\
+         state_dir = \"state\"\n\
+         {menu}\n\
+         [tls]\n\
+         ca = \"{CA_CERT}\"\n\
+         cert = \"{SITE_CERT}\"\n\
+         key = \"{SITE_KEY}\"\n"
+    )
+}

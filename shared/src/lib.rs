@@ -1,0 +1,28 @@
+//! What the Potluck agent and coordinator must agree on.
+//!
+//! - [`bundle`]: the files enrolment gives a site.
+//! - [`wire`]: versioned messages, their codec (one module) and length-prefixed framing.
+//! - [`model`]: the recommender, its spec hash and canonical flat parameter layout.
+//! - [`round`]: the round lifecycle as sans-IO state machines.
+//! - [`dp`]: clipping and noise applied to a site's update.
+//! - [`tls`]: the franchise CA, site identity, mutual-TLS QUIC configs.
+//! - [`transport`]: thin async framing over a QUIC stream.
+//! - [`service`]: logging and shutdown signals for the binaries.
+//! - [`synth`]: the deterministic synthetic franchise for demos, tests and research.
+//!
+//! Protocol logic lives in pure state machines that take messages and time as
+//! inputs and return messages and events; nothing here but [`transport`]
+//! performs I/O.
+
+pub mod bundle;
+pub mod dp;
+mod ids;
+pub mod model;
+pub mod round;
+pub mod service;
+pub mod synth;
+pub mod tls;
+pub mod transport;
+pub mod wire;
+
+pub use ids::{ModelVersion, RoundId, SiteId, SiteIdError};

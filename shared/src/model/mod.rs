@@ -1,0 +1,288 @@
+//! The next-order recommender: its specification, its canonical flat parameter
+//! layout, and the burn module that computes with it.
+//!
+//! Both sides agree on a model through its [`ModelSpec`]: the menu, the
+//! dimensions and the feature settings. The spec fixes the ordered list of
+//! parameters (path and shape), and so the *canonical flat layout*: every
+//! parameter's values, row-major, concatenated in that order. Updates, sums and
+//! checkpoints are vectors in this layout. [`SpecHash`] fingerprints the spec and
+//! is checked before every round.
+
+mod features;
+mod menu;
+mod recommender;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use features::{Example, OrderRecord, history_weights, training_examples};
+pub use menu::{Menu, MenuError, MenuItem};
+pub use recommender::{Batch, Recommender};
+
+use crate::ids::ModelVersion;
+
+/// Days in a week, hours in a day: the context vocabularies.
+pub const WEEKDAYS: usize = 7;
+/// Hours of the day.
+pub const HOURS: usize = 24;
+
+/// Dimensions of the recommender.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelDims {
+    /// Width of item embeddings (and of the customer representation).
+    pub embedding: usize,
+    /// Width of each context embedding (weekday, hour).
+    pub context: usize,
+    /// Width of the hidden MLP layer.
+    pub hidden: usize,
+}
+
+impl Default for ModelDims {
+    fn default() -> Self {
+        Self {
+            embedding: 32,
+            context: 8,
+            hidden: 64,
+        }
+    }
+}
+
+/// Everything that determines the model's parameters and features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// The franchise menu; item `i` is row `i` of the item embeddings.
+    pub menu: Menu,
+    /// Layer widths.
+    pub dims: ModelDims,
+    /// Weight of an order relative to the next more recent one when pooling a history.
+    pub history_decay: f32,
+}
+
+/// One parameter of the canonical layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSlot {
+    /// Field name in [`Recommender`].
+    pub path: &'static str,
+    /// Shape, row-major.
+    pub shape: Vec<usize>,
+}
+
+impl ParamSlot {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Whether the slot holds no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// SHA-256 fingerprint of a [`ModelSpec`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct SpecHash(pub [u8; 32]);
+
+impl std::fmt::Debug for SpecHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SpecHash({self})")
+    }
+}
+
+impl std::fmt::Display for SpecHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ModelSpec {
+    /// A spec with default dimensions and history decay.
+    pub fn new(menu: Menu) -> Self {
+        Self {
+            menu,
+            dims: ModelDims::default(),
+            history_decay: 0.8,
+        }
+    }
+
+    /// The ordered parameter list; the order is [`Recommender`]'s field order.
+    pub fn layout(&self) -> Vec<ParamSlot> {
+        let (m, d, c, h) = (
+            self.menu.len(),
+            self.dims.embedding,
+            self.dims.context,
+            self.dims.hidden,
+        );
+        let slot = |path, shape: &[usize]| ParamSlot {
+            path,
+            shape: shape.to_vec(),
+        };
+        vec![
+            slot("item_embedding", &[m, d]),
+            slot("item_bias", &[m]),
+            slot("weekday_embedding", &[WEEKDAYS, c]),
+            slot("hour_embedding", &[HOURS, c]),
+            slot("hidden_weight", &[d + 2 * c, h]),
+            slot("hidden_bias", &[h]),
+            slot("output_weight", &[h, d]),
+            slot("output_bias", &[d]),
+        ]
+    }
+
+    /// Total number of parameters.
+    pub fn param_count(&self) -> usize {
+        self.layout().iter().map(ParamSlot::len).sum()
+    }
+
+    /// The fingerprint both sides compare before a round.
+    ///
+    /// Hashes a domain tag, every slot's path and shape in order, the feature
+    /// settings and every menu item, each string length-prefixed so that no two
+    /// specs share an input.
+    pub fn hash(&self) -> SpecHash {
+        let mut h = Sha256::new();
+        let mut put = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        put(b"potluck-model-spec-v1");
+        for slot in self.layout() {
+            put(slot.path.as_bytes());
+            for dim in &slot.shape {
+                put(&(*dim as u64).to_le_bytes());
+            }
+        }
+        put(&self.history_decay.to_le_bytes());
+        for item in self.menu.items() {
+            put(item.item_id.as_bytes());
+            put(item.name.as_bytes());
+            put(item.category.as_bytes());
+        }
+        SpecHash(h.finalize().into())
+    }
+
+    /// Deterministic initial parameters in the canonical layout.
+    ///
+    /// Embeddings and weights are drawn from N(0, 1/fan_in) (embeddings with
+    /// fan-in taken as their width), biases start at zero.
+    pub fn initial_params(&self, seed: u64) -> Vec<f32> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut params = Vec::with_capacity(self.param_count());
+        for slot in self.layout() {
+            if slot.shape.len() == 1 {
+                params.extend(std::iter::repeat_n(0.0, slot.len()));
+                continue;
+            }
+            let fan_in = if slot.path.ends_with("embedding") {
+                slot.shape[1]
+            } else {
+                slot.shape[0]
+            };
+            let normal = Normal::new(0.0f32, (1.0 / fan_in as f32).sqrt())
+                .expect("a positive finite standard deviation");
+            params.extend((0..slot.len()).map(|_| normal.sample(&mut rng)));
+        }
+        params
+    }
+}
+
+/// A version of the global model, as the coordinator distributes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GlobalModel {
+    /// Its version.
+    pub version: ModelVersion,
+    /// Its architecture and menu.
+    pub spec: ModelSpec,
+    /// Its parameters in the canonical layout.
+    pub params: Vec<f32>,
+}
+
+/// Why a model is not usable.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// The parameter vector's length does not match the spec.
+    #[error("model has {got} parameters, its spec needs {expected}")]
+    Length {
+        /// Length received.
+        got: usize,
+        /// Length the spec implies.
+        expected: usize,
+    },
+    /// A parameter is NaN or infinite.
+    #[error("model parameter {0} is not finite")]
+    NotFinite(usize),
+    /// The spec hash differs from the one expected.
+    #[error("model spec hash {got} does not match the expected {expected}")]
+    SpecMismatch {
+        /// Hash of the model received.
+        got: SpecHash,
+        /// Hash expected.
+        expected: SpecHash,
+    },
+}
+
+impl GlobalModel {
+    /// Check that the parameters fit the spec and are finite.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        check_vector(&self.params, self.spec.param_count())
+    }
+}
+
+/// Check a vector in the canonical layout: right length, finite values.
+pub fn check_vector(values: &[f32], expected: usize) -> Result<(), ModelError> {
+    if values.len() != expected {
+        return Err(ModelError::Length {
+            got: values.len(),
+            expected,
+        });
+    }
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(ModelError::NotFinite(i)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn small_menu(n: usize) -> Menu {
+        Menu::new(
+            (0..n)
+                .map(|i| MenuItem {
+                    item_id: format!("i{i}"),
+                    name: format!("Item {i}"),
+                    category: if i % 2 == 0 { "mains" } else { "drinks" }.into(),
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn spec_hash_changes_with_menu_and_dims() {
+        let spec = ModelSpec::new(small_menu(5));
+        let mut other = spec.clone();
+        other.dims.hidden += 1;
+        assert_ne!(spec.hash(), other.hash());
+        let renamed = ModelSpec::new(small_menu(6));
+        assert_ne!(spec.hash(), renamed.hash());
+        assert_eq!(spec.hash(), spec.clone().hash());
+    }
+
+    #[test]
+    fn initial_params_are_deterministic_and_sized() {
+        let spec = ModelSpec::new(small_menu(5));
+        let a = spec.initial_params(7);
+        assert_eq!(a.len(), spec.param_count());
+        assert_eq!(a, spec.initial_params(7));
+        assert_ne!(a, spec.initial_params(8));
+    }
+}

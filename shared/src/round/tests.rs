@@ -1,0 +1,414 @@
+//! Whole federations in memory: one coordinator, N sites, virtual time, no sockets.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+
+use super::*;
+use crate::ids::{ModelVersion, RoundId, SiteId};
+use crate::model::tests::small_menu;
+use crate::model::{GlobalModel, ModelSpec};
+use crate::wire::{CoordinatorMessage, EvalCounts, MetricSums, PROTOCOL_VERSION, SiteMessage};
+
+/// What a simulated site does when asked to train.
+#[derive(Clone, Copy, PartialEq)]
+enum Behaviour {
+    Honest,
+    /// Never answers round requests (a crashed trainer that keeps its connection).
+    Silent,
+}
+
+struct Harness {
+    now: Instant,
+    coordinator: Coordinator,
+    sites: BTreeMap<SiteId, (SiteSession, Behaviour)>,
+    events: Vec<CoordinatorEvent>,
+    rng: rand::rngs::StdRng,
+}
+
+fn site(i: usize) -> SiteId {
+    SiteId::new(format!("site-{i}")).unwrap()
+}
+
+/// Each site's raw delta is a constant vector of value `i + 1`.
+fn delta_of(id: &SiteId, len: usize) -> Vec<f32> {
+    let i: f32 = id.as_str().trim_start_matches("site-").parse().unwrap();
+    vec![i + 1.0; len]
+}
+
+impl Harness {
+    fn new(n: usize, config: RoundConfig) -> Self {
+        let spec = ModelSpec::new(small_menu(4));
+        let params = spec.initial_params(1);
+        let model = GlobalModel {
+            version: ModelVersion(0),
+            spec,
+            params,
+        };
+        let mut h = Self {
+            now: Instant::now(),
+            coordinator: Coordinator::new(config, model, RoundId(1)),
+            sites: BTreeMap::new(),
+            events: Vec::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(9),
+        };
+        for i in 0..n {
+            h.connect(site(i), Behaviour::Honest);
+        }
+        h
+    }
+
+    fn connect(&mut self, id: SiteId, behaviour: Behaviour) {
+        let mut session = SiteSession::new("test");
+        let hello = session.poll_transmit().unwrap();
+        assert!(matches!(
+            hello,
+            SiteMessage::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                ..
+            }
+        ));
+        session
+            .handle_message(CoordinatorMessage::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                franchise: "t".into(),
+            })
+            .unwrap();
+        self.sites.insert(id.clone(), (session, behaviour));
+        self.coordinator.handle_connected(id, self.now);
+        self.pump();
+    }
+
+    fn disconnect(&mut self, id: &SiteId) {
+        self.sites.remove(id);
+        self.coordinator.handle_disconnected(id, self.now);
+        self.pump();
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        if self
+            .coordinator
+            .poll_timeout()
+            .is_some_and(|t| t <= self.now)
+        {
+            self.coordinator.handle_timeout(self.now);
+        }
+        self.pump();
+    }
+
+    /// Deliver messages both ways until quiet, answering site events at once.
+    fn pump(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(e) = self.coordinator.poll_event() {
+                self.events.push(e);
+            }
+            while let Some(t) = self.coordinator.poll_transmit() {
+                progressed = true;
+                if let Some((session, _)) = self.sites.get_mut(&t.to) {
+                    session.handle_message((*t.message).clone()).unwrap();
+                }
+            }
+            let ids: Vec<_> = self.sites.keys().cloned().collect();
+            for id in ids {
+                let (session, behaviour) = self.sites.get_mut(&id).unwrap();
+                while let Some(event) = session.poll_event() {
+                    match event {
+                        SiteEvent::ModelReceived(m) => {
+                            let counts = EvalCounts {
+                                cases: 10,
+                                model: MetricSums {
+                                    hits: 5.0,
+                                    ndcg: 2.5,
+                                },
+                                ..Default::default()
+                            };
+                            session.handle_evaluated(m.version, counts);
+                        }
+                        SiteEvent::TrainRequested { task, model }
+                            if *behaviour == Behaviour::Honest =>
+                        {
+                            let delta = delta_of(&id, model.params.len());
+                            session.handle_trained(&task, delta, 1.0, &mut self.rng);
+                        }
+                        _ => {}
+                    }
+                }
+                while let Some(msg) = session.poll_transmit() {
+                    progressed = true;
+                    let len = crate::wire::codec::encode(&msg).unwrap().len();
+                    self.coordinator
+                        .handle_message(&id, msg, len, self.now)
+                        .unwrap();
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    fn completed(&self) -> Vec<&RoundSummary> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                CoordinatorEvent::RoundCompleted(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn abandoned(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|e| matches!(e, CoordinatorEvent::RoundAbandoned { .. }))
+            .count()
+    }
+}
+
+fn config(min_sites: usize, max_rounds: u64) -> RoundConfig {
+    let mut c = RoundConfig {
+        min_sites,
+        max_rounds: Some(max_rounds),
+        cohort_wait: Duration::ZERO,
+        ..RoundConfig::default()
+    };
+    c.settings.clip_norm = 1e6; // the harness's deltas must pass unclipped
+    c.settings.noise_std = 0.0;
+    c
+}
+
+#[test]
+fn rounds_average_updates_and_advance_the_version() {
+    let mut h = Harness::new(3, config(3, 2));
+    let start = ModelSpec::new(small_menu(4)).initial_params(1);
+    assert!(
+        h.coordinator.is_finished(),
+        "both rounds run to completion in memory"
+    );
+    let done = h.completed();
+    assert_eq!(done.len(), 2);
+    assert_eq!(done[1].model_version, ModelVersion(2));
+    assert_eq!(done[0].participants, 3);
+    assert_eq!(done[0].eval.cases, 30, "three sites each report 10 cases");
+    assert!(done[0].bytes_received > 0);
+    // Deltas 1, 2, 3 average to 2 per round, twice, at server learning rate 1.
+    let end = &h.coordinator.model().params;
+    for (a, b) in start.iter().zip(end) {
+        assert!((b - a - 4.0).abs() < 1e-4, "{a} -> {b}");
+    }
+    // Every site holds the final model.
+    for (session, _) in h.sites.values() {
+        assert_eq!(session.model().unwrap().version, ModelVersion(2));
+    }
+    h.advance(Duration::from_secs(3600));
+    assert_eq!(h.completed().len(), 2, "no round opens after max_rounds");
+}
+
+#[test]
+fn no_round_opens_below_min_sites_and_a_late_site_gets_the_model() {
+    let mut h = Harness::new(2, config(3, 1));
+    assert!(h.completed().is_empty());
+    assert!(h.coordinator.current_round().is_none());
+    h.connect(site(2), Behaviour::Honest);
+    assert_eq!(h.completed().len(), 1);
+    h.connect(site(3), Behaviour::Honest);
+    let late = &h.sites[&site(3)].0;
+    assert_eq!(
+        late.model().unwrap().version,
+        ModelVersion(1),
+        "a late site receives the current model"
+    );
+}
+
+#[test]
+fn a_round_with_too_few_updates_is_abandoned_and_retried() {
+    let mut h = Harness::new(2, config(3, 1));
+    h.connect(site(2), Behaviour::Silent);
+    assert_eq!(h.coordinator.current_round(), Some(RoundId(1)));
+    h.advance(RoundConfig::default().train_timeout);
+    assert_eq!(h.abandoned(), 1);
+    assert_eq!(
+        h.coordinator.model().version,
+        ModelVersion(0),
+        "the model does not change"
+    );
+    // The silent site leaves, an honest one joins, and after the retry delay the round reruns.
+    h.disconnect(&site(2));
+    h.connect(site(5), Behaviour::Honest);
+    assert!(
+        h.completed().is_empty(),
+        "nothing opens before the retry delay"
+    );
+    h.advance(RoundConfig::default().retry_delay);
+    let done = h.completed();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].round, RoundId(2));
+    assert_eq!(done[0].model_version, ModelVersion(1));
+}
+
+#[test]
+fn a_dropout_mid_round_leaves_a_round_of_survivors() {
+    let wait = Duration::from_secs(2);
+    let mut h = Harness::new(
+        0,
+        RoundConfig {
+            cohort_wait: wait,
+            ..config(3, 1)
+        },
+    );
+    h.connect(site(0), Behaviour::Honest);
+    h.connect(site(1), Behaviour::Honest);
+    h.connect(site(2), Behaviour::Silent);
+    assert_eq!(
+        h.coordinator.current_round(),
+        None,
+        "the cohort gathers for a while"
+    );
+    h.connect(site(3), Behaviour::Honest);
+    h.advance(wait);
+    assert_eq!(h.coordinator.current_round(), Some(RoundId(1)));
+    // site-2 holds the round open; it drops, and the survivors' round completes at once.
+    assert!(h.completed().is_empty());
+    h.disconnect(&site(2));
+    let done = h.completed();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].participants, 3);
+    assert_eq!(done[0].dropped, 1);
+}
+
+#[test]
+fn protocol_violations_are_reported_not_applied() {
+    let mut h = Harness::new(0, config(3, 1));
+    for i in 0..3 {
+        h.connect(site(i), Behaviour::Silent);
+    }
+    let round = h.coordinator.current_round().unwrap();
+    let len = h.coordinator.model().params.len();
+    let update = |delta: Vec<f32>, version| {
+        SiteMessage::Update(crate::wire::SiteUpdate {
+            round,
+            model_version: ModelVersion(version),
+            delta,
+            train_loss: 0.0,
+        })
+    };
+    let now = h.now;
+    let c = &mut h.coordinator;
+    assert!(matches!(
+        c.handle_message(&site(0), update(vec![0.0; len - 1], 0), 1, now),
+        Err(Violation::BadUpdate(_))
+    ));
+    assert!(matches!(
+        c.handle_message(&site(0), update(vec![f32::NAN; len], 0), 1, now),
+        Err(Violation::BadUpdate(_))
+    ));
+    assert!(matches!(
+        c.handle_message(&site(0), update(vec![0.0; len], 7), 1, now),
+        Err(Violation::WrongVersion { .. })
+    ));
+    assert!(matches!(
+        c.handle_message(&site(9), update(vec![0.0; len], 0), 1, now),
+        Err(Violation::UnexpectedUpdate(_))
+    ));
+    c.handle_message(&site(0), update(vec![0.0; len], 0), 1, now)
+        .unwrap();
+    assert!(
+        matches!(
+            c.handle_message(&site(0), update(vec![0.0; len], 0), 1, now),
+            Err(Violation::UnexpectedUpdate(_))
+        ),
+        "a second update is refused"
+    );
+    let hello = SiteMessage::Hello {
+        protocol_version: 1,
+        agent_version: String::new(),
+    };
+    assert_eq!(
+        c.handle_message(&site(1), hello, 1, now),
+        Err(Violation::Unexpected("hello"))
+    );
+    assert_eq!(c.model().version, ModelVersion(0));
+}
+
+#[test]
+fn sites_decline_rounds_for_a_model_they_do_not_hold() {
+    let mut s = SiteSession::new("t");
+    s.poll_transmit();
+    s.handle_message(CoordinatorMessage::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        franchise: "f".into(),
+    })
+    .unwrap();
+    let spec = ModelSpec::new(small_menu(3));
+    let task = crate::wire::RoundTask {
+        round: RoundId(4),
+        model_version: ModelVersion(2),
+        spec_hash: spec.hash(),
+        settings: RoundConfig::default().settings,
+    };
+    s.handle_message(CoordinatorMessage::RoundOpen(task))
+        .unwrap();
+    assert!(matches!(
+        s.poll_transmit(),
+        Some(SiteMessage::Declined {
+            round: RoundId(4),
+            ..
+        })
+    ));
+    assert!(s.poll_event().is_none());
+}
+
+#[test]
+fn a_site_refuses_another_protocol_version() {
+    let mut s = SiteSession::new("t");
+    let err = s
+        .handle_message(CoordinatorMessage::Welcome {
+            protocol_version: PROTOCOL_VERSION + 1,
+            franchise: "f".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(err, SiteSessionError::VersionMismatch { .. }));
+    assert!(
+        s.handle_message(CoordinatorMessage::Refused { reason: "x".into() })
+            .is_err()
+    );
+}
+
+#[test]
+fn the_site_clips_and_noises_its_update() {
+    let mut s = SiteSession::new("t");
+    s.poll_transmit();
+    s.handle_message(CoordinatorMessage::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        franchise: "f".into(),
+    })
+    .unwrap();
+    let spec = ModelSpec::new(small_menu(3));
+    let model = GlobalModel {
+        version: ModelVersion(0),
+        params: spec.initial_params(0),
+        spec: spec.clone(),
+    };
+    s.handle_message(CoordinatorMessage::Model(std::sync::Arc::new(model)))
+        .unwrap();
+    let mut settings = RoundConfig::default().settings;
+    settings.clip_norm = 1.0;
+    settings.noise_std = 0.0;
+    let task = crate::wire::RoundTask {
+        round: RoundId(1),
+        model_version: ModelVersion(0),
+        spec_hash: spec.hash(),
+        settings,
+    };
+    s.handle_message(CoordinatorMessage::RoundOpen(task.clone()))
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    s.handle_trained(&task, vec![10.0; spec.param_count()], 0.0, &mut rng);
+    let Some(SiteMessage::Update(update)) = s.poll_transmit() else {
+        panic!("an update is queued")
+    };
+    assert!((crate::dp::l2_norm(&update.delta) - 1.0).abs() < 1e-4);
+}

@@ -1,0 +1,106 @@
+//! Framed messages over a QUIC stream: the only I/O in this crate.
+//!
+//! Each frame's length is checked against the maximum before its body is
+//! allocated; a bad frame is an error for the caller to close the connection with.
+
+use quinn::{RecvStream, SendStream, VarInt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::wire::codec::{self, CodecError};
+use crate::wire::frame::{self, FrameError, HEADER_LEN};
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The stream or connection failed.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// The peer finished the stream in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The frame header was refused.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The frame body is not a valid message.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+impl TransportError {
+    /// The application close code that tells the peer what it did wrong.
+    pub fn close_code(&self) -> CloseCode {
+        match self {
+            TransportError::Frame(FrameError::Oversized { .. }) => CloseCode::FrameTooLarge,
+            TransportError::Frame(_) | TransportError::Codec(_) | TransportError::Truncated => {
+                CloseCode::Malformed
+            }
+            TransportError::Stream(_) => CloseCode::Normal,
+        }
+    }
+}
+
+/// Application error codes used when closing a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseCode {
+    /// Orderly close.
+    Normal = 0,
+    /// The peer sent a message the protocol forbids at that point.
+    ProtocolViolation = 1,
+    /// A frame exceeded the maximum size.
+    FrameTooLarge = 2,
+    /// A frame or message could not be decoded.
+    Malformed = 3,
+    /// The peers speak different protocol versions.
+    VersionMismatch = 4,
+    /// The peer's identity is not accepted.
+    Unauthorized = 5,
+    /// The process is shutting down.
+    Shutdown = 6,
+}
+
+impl From<CloseCode> for VarInt {
+    fn from(code: CloseCode) -> Self {
+        VarInt::from_u32(code as u32)
+    }
+}
+
+/// Read one message; `Ok(None)` when the peer finished the stream cleanly between frames.
+///
+/// Returns the message and its size on the wire.
+pub async fn read_message<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max_frame: usize,
+) -> Result<Option<(T, usize)>, TransportError> {
+    let mut header = [0u8; HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(TransportError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => {
+            return Err(TransportError::Stream(e.to_string()));
+        }
+    }
+    let len = frame::body_len(header, max_frame)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => TransportError::Truncated,
+        quinn::ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
+    })?;
+    Ok(Some((codec::decode(&body)?, HEADER_LEN + len)))
+}
+
+/// Encode and write one message; returns its size on the wire.
+pub async fn write_message<T: Serialize>(
+    send: &mut SendStream,
+    message: &T,
+    max_frame: usize,
+) -> Result<usize, TransportError> {
+    let bytes = frame::frame(&codec::encode(message)?, max_frame)?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    Ok(bytes.len())
+}

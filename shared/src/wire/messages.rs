@@ -1,0 +1,227 @@
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ModelVersion, RoundId};
+use crate::model::{GlobalModel, SpecHash};
+
+/// Messages an agent sends to the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SiteMessage {
+    /// First message on a connection.
+    Hello {
+        /// The wire protocol version the agent speaks.
+        protocol_version: u16,
+        /// The agent's software version, for logs.
+        agent_version: String,
+    },
+    /// A model update for an open round.
+    Update(SiteUpdate),
+    /// Evaluation counts for a global model version.
+    Evaluation(EvalReport),
+    /// The site will not take part in a round, and why.
+    Declined {
+        /// The round declined.
+        round: RoundId,
+        /// A readable reason, logged by the coordinator.
+        reason: String,
+    },
+}
+
+/// Messages the coordinator sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CoordinatorMessage {
+    /// Accepts a `Hello`.
+    Welcome {
+        /// The wire protocol version the coordinator speaks.
+        protocol_version: u16,
+        /// The franchise's name, from the CA.
+        franchise: String,
+    },
+    /// Refuses a connection, and why; the coordinator closes after sending it.
+    Refused {
+        /// A readable reason.
+        reason: String,
+    },
+    /// The current global model: architecture, menu and parameters.
+    Model(Arc<GlobalModel>),
+    /// A round is open: train on the named model version and send an update.
+    RoundOpen(RoundTask),
+    /// A round ended without a new model; drop any work for it.
+    RoundAbandoned {
+        /// The round abandoned.
+        round: RoundId,
+        /// Why, for logs.
+        reason: String,
+    },
+}
+
+/// What a site must do in a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTask {
+    /// The round.
+    pub round: RoundId,
+    /// The global model version to start from.
+    pub model_version: ModelVersion,
+    /// The spec hash of that model, checked by the site before training.
+    pub spec_hash: SpecHash,
+    /// Local training and privacy settings.
+    pub settings: TrainSettings,
+}
+
+/// Local training settings and the privacy bounds applied to the update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Passes over the local training examples.
+    pub epochs: u32,
+    /// Local SGD learning rate.
+    pub learning_rate: f32,
+    /// Examples per local SGD step.
+    pub batch_size: u32,
+    /// L2 norm bound of the update a site sends.
+    pub clip_norm: f32,
+    /// Standard deviation of the Gaussian noise a site adds to its clipped update.
+    pub noise_std: f32,
+}
+
+impl Default for TrainSettings {
+    /// Tuned on the synthetic franchise: two local epochs of SGD, a clip bound
+    /// above typical update norms, and light noise.
+    fn default() -> Self {
+        Self {
+            epochs: 2,
+            learning_rate: 0.5,
+            batch_size: 32,
+            clip_norm: 2.0,
+            noise_std: 0.01,
+        }
+    }
+}
+
+/// A site's contribution to a round, in plain (not securely aggregated) mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SiteUpdate {
+    /// The round this update is for.
+    pub round: RoundId,
+    /// The model version it was trained from.
+    pub model_version: ModelVersion,
+    /// The clipped, noised parameter delta, in the canonical flat layout.
+    pub delta: Vec<f32>,
+    /// The site's mean local training loss.
+    pub train_loss: f32,
+}
+
+/// Evaluation of one global model version at one site: counts and sums only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The model version evaluated.
+    pub model_version: ModelVersion,
+    /// The counts.
+    pub counts: EvalCounts,
+}
+
+/// Sums of ranking metrics over held-out orders, combinable across sites by addition.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalCounts {
+    /// Held-out orders evaluated (one per customer with at least two orders).
+    pub cases: u64,
+    /// The global model: sum of HR@10 and of NDCG@10.
+    pub model: MetricSums,
+    /// Baseline: the site's most popular items.
+    pub popularity: MetricSums,
+    /// Baseline: the customer's own most frequent items.
+    pub personal: MetricSums,
+}
+
+/// HR@10 and NDCG@10 summed over cases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricSums {
+    /// Cases with at least one held-out item in the top 10.
+    pub hits: f64,
+    /// Sum of NDCG@10.
+    pub ndcg: f64,
+}
+
+impl MetricSums {
+    /// Add another site's sums.
+    pub fn add(&mut self, other: &MetricSums) {
+        self.hits += other.hits;
+        self.ndcg += other.ndcg;
+    }
+
+    /// Mean HR@10 and NDCG@10 over `cases`, or `None` with no cases.
+    pub fn means(&self, cases: u64) -> Option<(f64, f64)> {
+        (cases > 0).then(|| (self.hits / cases as f64, self.ndcg / cases as f64))
+    }
+}
+
+impl EvalCounts {
+    /// Add another site's counts.
+    pub fn add(&mut self, other: &EvalCounts) {
+        self.cases += other.cases;
+        self.model.add(&other.model);
+        self.popularity.add(&other.popularity);
+        self.personal.add(&other.personal);
+    }
+
+    /// Whether the counts are internally consistent (no negative or impossible sums).
+    pub fn is_plausible(&self) -> bool {
+        [self.model, self.popularity, self.personal]
+            .iter()
+            .all(|m| {
+                m.hits.is_finite()
+                    && m.ndcg.is_finite()
+                    && (0.0..=self.cases as f64).contains(&m.hits)
+                    && (0.0..=self.cases as f64).contains(&m.ndcg)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::codec;
+    use proptest::prelude::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let msg = SiteMessage::Update(SiteUpdate {
+            round: RoundId(3),
+            model_version: ModelVersion(2),
+            delta: vec![0.5, -1.25, 3.0],
+            train_loss: 1.5,
+        });
+        let bytes = codec::encode(&msg).unwrap();
+        assert_eq!(codec::decode::<SiteMessage>(&bytes).unwrap(), msg);
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = codec::encode(&SiteMessage::Declined {
+            round: RoundId(1),
+            reason: "x".into(),
+        })
+        .unwrap();
+        bytes.push(0);
+        assert!(codec::decode::<SiteMessage>(&bytes).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = codec::decode::<SiteMessage>(&bytes);
+            let _ = codec::decode::<CoordinatorMessage>(&bytes);
+        }
+
+        #[test]
+        fn a_huge_claimed_length_does_not_allocate(len in (1u64 << 32)..u64::MAX) {
+            // Variant 1 (Update), round, version, then a vector claiming `len` elements.
+            let mut bytes = vec![1u8, 1, 1, 0xfd];
+            bytes.extend_from_slice(&len.to_le_bytes());
+            prop_assert!(codec::decode::<SiteMessage>(&bytes).is_err());
+        }
+    }
+}
