@@ -342,16 +342,10 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Str
     ))
 }
 
-/// Exponential backoff with full jitter, from 0.5 s to 30 s.
-#[derive(Debug)]
+/// Exponential backoff with jitter, from 0.5 s to 30 s.
+#[derive(Debug, Default)]
 struct Backoff {
     attempt: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self { attempt: 0 }
-    }
 }
 
 impl Backoff {

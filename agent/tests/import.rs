@@ -1,5 +1,8 @@
 //! CSV import: each kind of bad row, atomicity, idempotence, --skip-invalid.
 
+// Test helpers panic on setup failures, which is what a test should do.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 use potluck_agent::import::{ImportError, ImportOptions, import_file};

@@ -113,19 +113,19 @@ struct SynthArgs {
     #[arg(long)]
     out: PathBuf,
     /// Number of sites.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = SynthConfig::default().sites)]
     sites: usize,
     /// Customers per site.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = SynthConfig::default().customers_per_site)]
     customers: usize,
     /// Menu items (40 to 120).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = SynthConfig::default().menu_items)]
     menu_items: usize,
     /// Days of order history.
-    #[arg(long, default_value_t = 180)]
+    #[arg(long, default_value_t = SynthConfig::default().days)]
     days: u32,
     /// Seed; the same settings and seed give the same data.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = SynthConfig::default().seed)]
     seed: u64,
     /// Leave out the audit-only age_band and gender columns.
     #[arg(long)]

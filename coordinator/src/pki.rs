@@ -187,3 +187,61 @@ pub struct Enrollment {
     /// Re-enrol an existing site.
     pub force: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enrollment(site: &str, out: &Path, force: bool) -> Enrollment {
+        Enrollment {
+            site: SiteId::new(site).unwrap(),
+            out: out.to_path_buf(),
+            coordinator: "127.0.0.1:7443".parse().unwrap(),
+            menu: None,
+            validity: Validity::days_from_now(1),
+            force,
+        }
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn keys_are_private_and_nothing_is_overwritten_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(&dir.path().join("pki"));
+        pki.init("Acme", &[], 30, false).unwrap();
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&pki.ca_key()), 0o600);
+            assert_eq!(mode(&pki.coordinator_key()), 0o600);
+        }
+        let ca_before = std::fs::read_to_string(pki.ca_cert()).unwrap();
+        assert!(matches!(
+            pki.init("Acme", &[], 30, false),
+            Err(PkiError::CaExists(_))
+        ));
+        assert_eq!(std::fs::read_to_string(pki.ca_cert()).unwrap(), ca_before);
+
+        let out = dir.path().join("site-a");
+        pki.enroll(&enrollment("site-a", &out, false)).unwrap();
+        #[cfg(unix)]
+        assert_eq!(mode(&out.join(bundle::SITE_KEY)), 0o600);
+        let cert = std::fs::read_to_string(out.join(bundle::SITE_CERT)).unwrap();
+        let err = pki.enroll(&enrollment("site-a", &out, false)).unwrap_err();
+        assert!(err.to_string().contains("already enrolled"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(out.join(bundle::SITE_CERT)).unwrap(),
+            cert
+        );
+        pki.enroll(&enrollment("site-a", &out, true)).unwrap();
+        assert_ne!(
+            std::fs::read_to_string(out.join(bundle::SITE_CERT)).unwrap(),
+            cert,
+            "re-enrolled"
+        );
+    }
+}

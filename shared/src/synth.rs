@@ -123,8 +123,8 @@ impl Default for SynthConfig {
         Self {
             seed: 7,
             sites: 5,
-            customers_per_site: 200,
-            menu_items: 60,
+            customers_per_site: 100,
+            menu_items: 120,
             days: 180,
             consent_rate: 0.85,
             sensitive_columns: true,

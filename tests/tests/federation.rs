@@ -1,5 +1,8 @@
 //! Whole federations over loopback QUIC with mutual TLS, in one process.
 
+// Test helpers panic on setup failures, which is what a test should do.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -26,6 +26,9 @@ pub const WEEKDAYS: usize = 7;
 /// Hours of the day.
 pub const HOURS: usize = 24;
 
+/// Initial weight of "ordered before" in an item's score (see [`Recommender`]).
+const REPEAT_GAIN_INIT: f32 = 5.0;
+
 /// Dimensions of the recommender.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -130,6 +133,7 @@ impl ModelSpec {
             slot("hidden_bias", &[h]),
             slot("output_weight", &[h, d]),
             slot("output_bias", &[d]),
+            slot("repeat_gain", &[1]),
         ]
     }
 
@@ -175,6 +179,10 @@ impl ModelSpec {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut params = Vec::with_capacity(self.param_count());
         for slot in self.layout() {
+            if slot.path == "repeat_gain" {
+                params.push(REPEAT_GAIN_INIT);
+                continue;
+            }
             if slot.shape.len() == 1 {
                 params.extend(std::iter::repeat_n(0.0, slot.len()));
                 continue;

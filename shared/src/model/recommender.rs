@@ -7,8 +7,10 @@
 //!
 //! The customer vector `u = history · E` (E the item embeddings) and the context
 //! embeddings feed a one-hidden-layer MLP whose output, added to `u`, is a query
-//! `q`; item scores are `q · Eᵀ + item_bias`. Sharing `E` between input and
-//! output keeps the model small and lets "ordered X before" raise X's score.
+//! `q`; item scores are `q · Eᵀ + item_bias + g · history`. Sharing `E`
+//! between input and output keeps the model small; the single global gain
+//! `g` lets "ordered X before" raise X's score directly (customers re-order),
+//! without any per-customer parameter.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::activation::{log_softmax, relu};
@@ -27,6 +29,7 @@ pub struct Recommender {
     hidden_bias: Param<Tensor<1>>,
     output_weight: Param<Tensor<2>>,
     output_bias: Param<Tensor<1>>,
+    repeat_gain: Param<Tensor<1>>,
 }
 
 /// A batch of examples as tensors.
@@ -91,6 +94,7 @@ impl Recommender {
             hidden_bias: Param::from_data(take(5), device),
             output_weight: Param::from_data(take(6), device),
             output_bias: Param::from_data(take(7), device),
+            repeat_gain: Param::from_data(take(8), device),
         })
     }
 
@@ -126,7 +130,8 @@ impl Recommender {
         let query = hidden.matmul(self.output_weight.val())
             + self.output_bias.val().unsqueeze_dim(0)
             + user;
-        query.matmul(items.transpose()) + self.item_bias.val().unsqueeze_dim(0)
+        let repeat = batch.history.clone() * self.repeat_gain.val().unsqueeze_dim(0);
+        query.matmul(items.transpose()) + self.item_bias.val().unsqueeze_dim(0) + repeat
     }
 
     /// Mean softmax cross-entropy against the batch's normalised multi-hot targets.

@@ -22,7 +22,7 @@ pub struct RoundConfig {
     /// Pause before retrying after an abandoned round.
     pub retry_delay: Duration,
     /// Once `min_sites` are connected, how long to wait for more before opening the
-    /// first round, so that sites starting together join the same cohort.
+    /// first round after a start, so that sites starting together join one cohort.
     pub cohort_wait: Duration,
     /// Step size applied to the averaged update.
     pub server_learning_rate: f32,
@@ -181,6 +181,7 @@ pub struct Coordinator {
     connected: BTreeSet<SiteId>,
     phase: Phase,
     next_round: RoundId,
+    first_round: RoundId,
     completed: u64,
     retry_at: Option<Instant>,
     gather_until: Option<Instant>,
@@ -199,6 +200,7 @@ impl Coordinator {
             connected: BTreeSet::new(),
             phase: Phase::Idle,
             next_round,
+            first_round: next_round,
             completed: 0,
             retry_at: None,
             gather_until: None,
@@ -430,13 +432,16 @@ impl Coordinator {
         if !matches!(self.phase, Phase::Idle) || self.retry_at.is_some() {
             return;
         }
-        let gather_until = *self
-            .gather_until
-            .get_or_insert(now + self.config.cohort_wait);
-        if now < gather_until {
-            return;
+        // Before the first round, give sites that start together time to connect.
+        if self.next_round == self.first_round {
+            let gather_until = *self
+                .gather_until
+                .get_or_insert(now + self.config.cohort_wait);
+            if now < gather_until {
+                return;
+            }
+            self.gather_until = None;
         }
-        self.gather_until = None;
         let round = self.next_round;
         self.next_round = round.next();
         let cohort: BTreeSet<SiteId> = self.connected.clone();
