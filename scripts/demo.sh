@@ -101,15 +101,19 @@ for site in "${SITE_IDS[@]}"; do
   PIDS+=("$!")
 done
 
-# Show round lines as they complete, until the coordinator finishes.
-tail -n +1 -f "$OUT/logs/coordinator.log" --pid "$COORD_PID" 2>/dev/null | grep --line-buffered -E "round .* -> model|abandoned|ERROR" || true
+# Show round lines as they complete. Wait in the `wait` builtin, which returns
+# at once on Ctrl-C so the trap can stop everything.
+tail -n +1 -f "$OUT/logs/coordinator.log" --pid "$COORD_PID" 2>/dev/null \
+  | grep --line-buffered -E "round .* -> model|abandoned|ERROR" &
+PIDS+=("$!")
 if ! wait "$COORD_PID"; then
   echo "demo.sh: the coordinator failed; see $OUT/logs/coordinator.log" >&2
   exit 1
 fi
-for pid in "${PIDS[@]:1}"; do kill "$pid" 2>/dev/null || true; done
-for pid in "${PIDS[@]:1}"; do wait "$pid" 2>/dev/null || true; done
+STARTED=("${PIDS[@]}")
 PIDS=()
+for pid in "${STARTED[@]:1}"; do kill "$pid" 2>/dev/null || true; done
+for pid in "${STARTED[@]:1}"; do wait "$pid" 2>/dev/null || true; done
 
 echo "==> training a local-only model at each site, for comparison"
 : > "$OUT/local-only.jsonl"

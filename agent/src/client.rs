@@ -168,7 +168,8 @@ impl Agent {
         }
         info!(site = %self.config.site_id, "agent stopping");
         endpoint.close(CloseCode::Shutdown.into(), b"agent shutting down");
-        endpoint.wait_idle().await;
+        // Give the close a moment to reach the coordinator, not the full drain period.
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use potluck_shared::wire::TrainSettings;
 /// franchise's recommendation model locally, and sends only clipped, noised
 /// model updates to the coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "potluck-agent", version, about, long_about = None)]
+#[command(name = "potluck-agent", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -15,7 +15,7 @@ use potluck_shared::tls::Validity;
 /// The Potluck coordinator: runs the franchise CA, enrols sites, and combines
 /// their model updates into a global model that it sends back to them.
 #[derive(Debug, Parser)]
-#[command(name = "potluck-coordinator", version, about, long_about = None)]
+#[command(name = "potluck-coordinator", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
