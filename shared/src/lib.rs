@@ -4,6 +4,7 @@
 //! - [`wire`]: versioned messages, their codec (one module) and length-prefixed framing.
 //! - [`model`]: the recommender, its spec hash and canonical flat parameter layout.
 //! - [`round`]: the round lifecycle as sans-IO state machines.
+//! - [`secagg`]: secure aggregation (Bonawitz et al.) as sans-IO client and server.
 //! - [`dp`]: clipping and noise applied to a site's update.
 //! - [`tls`]: the franchise CA, site identity, mutual-TLS QUIC configs.
 //! - [`transport`]: thin async framing over a QUIC stream.
@@ -19,6 +20,7 @@ pub mod dp;
 mod ids;
 pub mod model;
 pub mod round;
+pub mod secagg;
 pub mod service;
 pub mod synth;
 pub mod tls;

@@ -420,7 +420,16 @@ mod tests {
     #[test]
     fn shape_of_the_franchise() {
         let f = generate(&small());
-        assert_eq!(f.menu.len(), 60);
+        assert_eq!(f.menu.len(), SynthConfig::default().menu_items);
+        assert_eq!(
+            generate(&SynthConfig {
+                menu_items: 3,
+                ..small()
+            })
+            .menu
+            .len(),
+            40
+        );
         assert_eq!(
             generate(&SynthConfig {
                 menu_items: 500,

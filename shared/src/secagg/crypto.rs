@@ -1,0 +1,342 @@
+//! The cryptographic pieces of secure aggregation, each from a maintained
+//! crate: X25519 (x25519-dalek), Shamir over the curve25519 scalar field
+//! (vsss-rs), HKDF-SHA256, ChaCha20-Poly1305, the ChaCha20 keystream, and
+//! Ed25519 signatures with the site certificate's key (ring).
+
+use chacha20::cipher::{KeyIvInit, StreamCipher};
+use chacha20poly1305::ChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use curve25519_dalek::scalar::Scalar;
+use rand::CryptoRng;
+use sha2::{Digest, Sha256};
+use vsss_rs::{DefaultShare, IdentifierPrimeField, ReadableShareSet, Share, shamir};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::Zeroizing;
+
+use crate::ids::{RoundId, SiteId};
+
+/// Domain separation for every key derivation and signature.
+const DOMAIN: &[u8] = b"potluck-secagg-v1";
+
+type ScalarShare = DefaultShare<IdentifierPrimeField<Scalar>, IdentifierPrimeField<Scalar>>;
+
+/// A fresh secret scalar.
+pub fn random_scalar<R: CryptoRng + ?Sized>(rng: &mut R) -> Scalar {
+    let mut wide = Zeroizing::new([0u8; 64]);
+    rng.fill_bytes(wide.as_mut());
+    Scalar::from_bytes_mod_order_wide(&wide)
+}
+
+/// The X25519 secret whose bytes are the scalar's (so it can be rebuilt from shares).
+pub fn x25519_secret(scalar: &Scalar) -> StaticSecret {
+    StaticSecret::from(scalar.to_bytes())
+}
+
+/// The X25519 public key of a scalar.
+pub fn x25519_public(scalar: &Scalar) -> [u8; 32] {
+    PublicKey::from(&x25519_secret(scalar)).to_bytes()
+}
+
+/// A Shamir share of a scalar: the holder's 1-based index and the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScalarPart {
+    /// 1-based position of the holder in the cohort.
+    pub index: u32,
+    /// The share value.
+    pub value: [u8; 32],
+}
+
+/// Split `secret` into one share per holder index `1..=n`, any `threshold` of which rebuild it.
+pub fn split<R: CryptoRng + ?Sized>(
+    secret: &Scalar,
+    threshold: usize,
+    n: usize,
+    rng: &mut R,
+) -> Vec<ScalarPart> {
+    let shares =
+        shamir::split_secret::<ScalarShare>(threshold, n, &IdentifierPrimeField(*secret), rng)
+            .expect("threshold checked against the cohort at round start");
+    shares
+        .into_iter()
+        .zip(1u32..)
+        .map(|(share, index)| {
+            debug_assert_eq!(share.identifier().0, Scalar::from(u64::from(index)));
+            ScalarPart {
+                index,
+                value: share.value().0.to_bytes(),
+            }
+        })
+        .collect()
+}
+
+/// Rebuild a scalar from shares; `None` if a share is not a canonical scalar or too few are given.
+pub fn combine(parts: &[ScalarPart]) -> Option<Scalar> {
+    let shares: Vec<ScalarShare> = parts
+        .iter()
+        .map(|p| {
+            let value = Option::<Scalar>::from(Scalar::from_canonical_bytes(p.value))?;
+            Some(ScalarShare::with_identifier_and_value(
+                IdentifierPrimeField(Scalar::from(u64::from(p.index))),
+                IdentifierPrimeField(value),
+            ))
+        })
+        .collect::<Option<_>>()?;
+    shares.combine().ok().map(|s| s.0)
+}
+
+fn hkdf(ikm: &[u8], label: &[u8], context: &[&[u8]]) -> Zeroizing<[u8; 32]> {
+    let kdf = hkdf::Hkdf::<Sha256>::new(Some(DOMAIN), ikm);
+    let mut info = Vec::with_capacity(64);
+    for part in std::iter::once(label).chain(context.iter().copied()) {
+        info.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        info.extend_from_slice(part);
+    }
+    let mut key = Zeroizing::new([0u8; 32]);
+    kdf.expand(&info, key.as_mut())
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    key
+}
+
+/// The key that encrypts shares from `from` to `to` in `round`.
+pub fn share_key(
+    secret: &Scalar,
+    peer_public: &[u8; 32],
+    round: RoundId,
+    from: &SiteId,
+    to: &SiteId,
+) -> Zeroizing<[u8; 32]> {
+    let dh = x25519_secret(secret).diffie_hellman(&PublicKey::from(*peer_public));
+    hkdf(
+        dh.as_bytes(),
+        b"share-key",
+        &[
+            &round.0.to_be_bytes(),
+            from.as_str().as_bytes(),
+            to.as_str().as_bytes(),
+        ],
+    )
+}
+
+fn share_aad(round: RoundId, from: &SiteId, to: &SiteId) -> Vec<u8> {
+    let mut aad = DOMAIN.to_vec();
+    for part in [
+        &round.0.to_be_bytes()[..],
+        from.as_str().as_bytes(),
+        to.as_str().as_bytes(),
+    ] {
+        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        aad.extend_from_slice(part);
+    }
+    aad
+}
+
+/// Encrypt `plaintext` under `key`, bound to sender, recipient and round.
+///
+/// Each key encrypts exactly one message (it is derived per round and pair),
+/// so a zero nonce is safe.
+pub fn seal(
+    key: &[u8; 32],
+    round: RoundId,
+    from: &SiteId,
+    to: &SiteId,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let aead = ChaCha20Poly1305::new(key.into());
+    let aad = share_aad(round, from, to);
+    aead.encrypt(
+        &[0u8; 12].into(),
+        Payload {
+            msg: plaintext,
+            aad: &aad,
+        },
+    )
+    .expect("ChaCha20-Poly1305 encryption of a short message cannot fail")
+}
+
+/// Decrypt and authenticate; `None` if the ciphertext was altered, replayed from
+/// another round or addressed to someone else.
+pub fn open(
+    key: &[u8; 32],
+    round: RoundId,
+    from: &SiteId,
+    to: &SiteId,
+    ciphertext: &[u8],
+) -> Option<Zeroizing<Vec<u8>>> {
+    let aead = ChaCha20Poly1305::new(key.into());
+    let aad = share_aad(round, from, to);
+    aead.decrypt(
+        &[0u8; 12].into(),
+        Payload {
+            msg: ciphertext,
+            aad: &aad,
+        },
+    )
+    .ok()
+    .map(Zeroizing::new)
+}
+
+/// The seed of the pairwise mask between `a` and `b` (order-independent).
+pub fn pairwise_seed(
+    secret: &Scalar,
+    peer_public: &[u8; 32],
+    round: RoundId,
+    a: &SiteId,
+    b: &SiteId,
+) -> Zeroizing<[u8; 32]> {
+    let dh = x25519_secret(secret).diffie_hellman(&PublicKey::from(*peer_public));
+    let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+    hkdf(
+        dh.as_bytes(),
+        b"pairwise-mask",
+        &[
+            &round.0.to_be_bytes(),
+            lo.as_str().as_bytes(),
+            hi.as_str().as_bytes(),
+        ],
+    )
+}
+
+/// The seed of a site's self mask.
+pub fn self_seed(secret: &Scalar, round: RoundId) -> Zeroizing<[u8; 32]> {
+    hkdf(&secret.to_bytes(), b"self-mask", &[&round.0.to_be_bytes()])
+}
+
+/// Add (`sign` = +1) or subtract (-1) the mask expanded from `seed` into `acc`, modulo `2^bits`.
+///
+/// The mask is the ChaCha20 keystream (key `seed`, zero nonce, counter from 0)
+/// read as little-endian `u32` words, each reduced modulo `2^bits`.
+pub fn apply_mask(acc: &mut [u32], seed: &[u8; 32], bits: u32, subtract: bool) {
+    let modulus_mask = modulus_mask(bits);
+    let mut cipher = chacha20::ChaCha20::new(seed.into(), &[0u8; 12].into());
+    let mut block = [0u8; 4096];
+    for chunk in acc.chunks_mut(block.len() / 4) {
+        let bytes = &mut block[..chunk.len() * 4];
+        bytes.fill(0);
+        cipher.apply_keystream(bytes);
+        for (a, word) in chunk.iter_mut().zip(bytes.chunks_exact(4)) {
+            let m = u32::from_le_bytes([word[0], word[1], word[2], word[3]]) & modulus_mask;
+            *a = if subtract {
+                a.wrapping_sub(m)
+            } else {
+                a.wrapping_add(m)
+            } & modulus_mask;
+        }
+    }
+}
+
+/// `2^bits - 1`, the mask that reduces a `u32` modulo `2^bits`.
+pub fn modulus_mask(bits: u32) -> u32 {
+    if bits >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits) - 1
+    }
+}
+
+/// The bytes a site signs to advertise its round keys.
+pub fn advertise_transcript(
+    round: RoundId,
+    cohort: &[SiteId],
+    site: &SiteId,
+    c_pk: &[u8; 32],
+    s_pk: &[u8; 32],
+) -> Vec<u8> {
+    let mut t = DOMAIN.to_vec();
+    t.extend_from_slice(b"/advertise");
+    t.extend_from_slice(&round.0.to_be_bytes());
+    t.extend_from_slice(&cohort_digest(cohort));
+    t.extend_from_slice(&(site.as_str().len() as u32).to_be_bytes());
+    t.extend_from_slice(site.as_str().as_bytes());
+    t.extend_from_slice(c_pk);
+    t.extend_from_slice(s_pk);
+    t
+}
+
+/// The bytes a site signs to agree on the survivor list.
+pub fn survivors_transcript(round: RoundId, cohort: &[SiteId], survivors: &[SiteId]) -> Vec<u8> {
+    let mut t = DOMAIN.to_vec();
+    t.extend_from_slice(b"/survivors");
+    t.extend_from_slice(&round.0.to_be_bytes());
+    t.extend_from_slice(&cohort_digest(cohort));
+    t.extend_from_slice(&cohort_digest(survivors));
+    t
+}
+
+/// SHA-256 over a list of site IDs, each length-prefixed.
+pub fn cohort_digest(sites: &[SiteId]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for s in sites {
+        h.update((s.as_str().len() as u32).to_be_bytes());
+        h.update(s.as_str().as_bytes());
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn shares_rebuild_the_secret_from_any_threshold_subset() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let secret = random_scalar(&mut rng);
+        let parts = split(&secret, 3, 5, &mut rng);
+        assert_eq!(parts.len(), 5);
+        assert_eq!(combine(&[parts[0], parts[2], parts[4]]), Some(secret));
+        assert_eq!(combine(&[parts[1], parts[3], parts[4]]), Some(secret));
+        assert_ne!(
+            combine(&[parts[0], parts[1]]),
+            Some(secret),
+            "two shares say nothing"
+        );
+        let rebuilt = x25519_secret(&combine(&parts[..3]).unwrap());
+        assert_eq!(rebuilt.to_bytes(), x25519_secret(&secret).to_bytes());
+    }
+
+    #[test]
+    fn sealed_shares_are_bound_to_round_sender_and_recipient() {
+        let (a, b, c) = (
+            SiteId::new("a").unwrap(),
+            SiteId::new("b").unwrap(),
+            SiteId::new("c").unwrap(),
+        );
+        let key = [7u8; 32];
+        let sealed = seal(&key, RoundId(3), &a, &b, b"share");
+        assert_eq!(
+            open(&key, RoundId(3), &a, &b, &sealed).unwrap().as_slice(),
+            b"share"
+        );
+        assert!(
+            open(&key, RoundId(4), &a, &b, &sealed).is_none(),
+            "replayed from another round"
+        );
+        assert!(
+            open(&key, RoundId(3), &a, &c, &sealed).is_none(),
+            "addressed to someone else"
+        );
+        assert!(
+            open(&key, RoundId(3), &c, &b, &sealed).is_none(),
+            "from someone else"
+        );
+    }
+
+    #[test]
+    fn pairwise_masks_cancel() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let (u, v) = (random_scalar(&mut rng), random_scalar(&mut rng));
+        let (su, sv) = (SiteId::new("u").unwrap(), SiteId::new("v").unwrap());
+        let seed_u = pairwise_seed(&u, &x25519_public(&v), RoundId(1), &su, &sv);
+        let seed_v = pairwise_seed(&v, &x25519_public(&u), RoundId(1), &sv, &su);
+        assert_eq!(*seed_u, *seed_v);
+        let mut acc = vec![5u32; 1000];
+        apply_mask(&mut acc, &seed_u, 20, false);
+        assert!(
+            acc.iter().filter(|&&x| x == 5).count() < 5,
+            "masked values look random"
+        );
+        assert!(acc.iter().all(|&x| x < 1 << 20));
+        apply_mask(&mut acc, &seed_v, 20, true);
+        assert_eq!(acc, vec![5u32; 1000]);
+    }
+}

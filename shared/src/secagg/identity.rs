@@ -1,0 +1,134 @@
+//! Site identities inside secure aggregation: a site signs its round keys and
+//! the survivor list with its certificate's Ed25519 key; peers check the
+//! certificate against the franchise CA and the signature against it.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+
+use crate::ids::SiteId;
+use crate::tls::{self, TlsError};
+
+/// The Ed25519 algorithm identifier (RFC 8410).
+const ED25519_OID: &str = "1.3.101.112";
+
+/// A site's signing identity: its certificate and private key.
+pub struct SiteSigner {
+    key: Ed25519KeyPair,
+    cert: Vec<u8>,
+    site: SiteId,
+}
+
+impl std::fmt::Debug for SiteSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteSigner")
+            .field("site", &self.site)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SiteSigner {
+    /// From the site certificate and its PKCS#8 Ed25519 key.
+    pub fn new(cert: &CertificateDer<'_>, key: &PrivateKeyDer<'_>) -> Result<Self, TlsError> {
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            return Err(TlsError::Config(
+                "the site key must be a PKCS#8 Ed25519 key".into(),
+            ));
+        };
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8.secret_pkcs8_der())
+            .map_err(|e| TlsError::Config(format!("the site key is not an Ed25519 key: {e}")))?;
+        let site = tls::site_id_from_cert(cert)?;
+        Ok(Self {
+            key,
+            cert: cert.to_vec(),
+            site,
+        })
+    }
+
+    /// Sign a transcript.
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key.sign(message).as_ref().to_vec()
+    }
+
+    /// The certificate (DER).
+    pub fn cert(&self) -> &[u8] {
+        &self.cert
+    }
+
+    /// The site named in the certificate.
+    pub fn site(&self) -> &SiteId {
+        &self.site
+    }
+}
+
+/// Checks peers' certificates against the franchise CA.
+#[derive(Clone)]
+pub struct PeerVerifier {
+    verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerVerifier")
+    }
+}
+
+/// A verified peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPeer {
+    /// The site named in its certificate.
+    pub site: SiteId,
+    /// Its Ed25519 public key.
+    pub public_key: [u8; 32],
+}
+
+impl PeerVerifier {
+    /// Trust only `ca`.
+    pub fn new(ca: CertificateDer<'static>) -> Result<Self, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Config(format!("franchise CA: {e}")))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(Self { verifier })
+    }
+
+    /// Verify a certificate's chain and validity at `now`; return its site and key.
+    pub fn verify(&self, cert: &[u8], now: SystemTime) -> Result<VerifiedPeer, String> {
+        let der = CertificateDer::from(cert.to_vec());
+        let since_epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_err(|_| "clock before 1970".to_string())?;
+        self.verifier
+            .verify_client_cert(&der, &[], UnixTime::since_unix_epoch(since_epoch))
+            .map_err(|e| format!("certificate rejected: {e}"))?;
+        let site = tls::site_id_from_cert(&der).map_err(|e| e.to_string())?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
+        let spki = &parsed.tbs_certificate.subject_pki;
+        if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
+            return Err("certificate key is not Ed25519".into());
+        }
+        let public_key: [u8; 32] = spki
+            .subject_public_key
+            .data
+            .as_ref()
+            .try_into()
+            .map_err(|_| "malformed Ed25519 key".to_string())?;
+        Ok(VerifiedPeer { site, public_key })
+    }
+}
+
+/// Check an Ed25519 signature.
+pub fn signature_valid(public_key: &[u8; 32], message: &[u8], signature: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(message, signature)
+        .is_ok()
+}

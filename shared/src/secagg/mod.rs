@@ -1,0 +1,256 @@
+//! Secure aggregation with dropout tolerance, after Bonawitz et al. (CCS 2017),
+//! as sans-IO state machines: [`Client`] at each site, [`Server`] at the
+//! coordinator. The coordinator learns the sum of the survivors' updates and
+//! nothing about any one of them, even if it deviates from the protocol
+//! (it can make a round fail, but not read an individual update).
+//!
+//! # The exact construction (version 1)
+//! Notation: `‖` is concatenation, `len(x)` a 4-byte big-endian length, and
+//! `D = "potluck-secagg-v1"`. The cohort is an ordered list of site IDs;
+//! a site's Shamir index is its 1-based position in it.
+//!
+//! 1. **Advertise keys.** Site `u` draws two secret scalars `c_u`, `s_u` and a
+//!    self-mask secret `b_u` (curve25519 scalars, uniformly from 64 random
+//!    bytes reduced modulo the group order). Its X25519 keys are the scalars'
+//!    bytes as X25519 secrets. It sends `c_pk = X25519(c_u)`, `s_pk = X25519(s_u)`
+//!    and an Ed25519 signature, with its site certificate's key, over
+//!    `D ‖ "/advertise" ‖ round(u64 BE) ‖ SHA256(cohort) ‖ len(u) ‖ u ‖ c_pk ‖ s_pk`,
+//!    where `SHA256(cohort)` hashes every ID as `len(id) ‖ id`.
+//! 2. **Roster.** The coordinator sends every advertiser the list of
+//!    (site, certificate, keys, signature). Each site checks every certificate
+//!    against the franchise CA, that it names the entry's site, that the site is
+//!    in the cohort, and the signature; any failure aborts the round, naming the
+//!    peer. Its own entry must be unchanged. At least `t` entries are required.
+//! 3. **Share keys.** Site `u` Shamir-shares `s_u` and `b_u` (threshold `t`,
+//!    over the curve25519 scalar field, vsss-rs) to every roster member `v`,
+//!    and sends `v` the pair encrypted with ChaCha20-Poly1305 under
+//!    `HKDF-SHA256(salt = D, ikm = X25519(c_u, c_pk_v), info = len("share-key") ‖ "share-key" ‖ len ‖ round ‖ len ‖ u ‖ len ‖ v)`,
+//!    zero nonce (each key seals one message), associated data
+//!    `D ‖ len ‖ round ‖ len ‖ u ‖ len ‖ v`. A share replayed from another round
+//!    or sent to another recipient fails to open and aborts the round.
+//! 4. **Masked input.** Let `U2` be the sites whose shares `u` received, plus `u`.
+//!    Site `u` sends `y_u = x_u + PRG(b_u) + Σ_{v∈U2, u<v} PRG(s_uv) − Σ_{v∈U2, v<u} PRG(s_uv) mod 2^bits`,
+//!    where `x_u` is the encoded update ([`Encoding`]), `<` orders site IDs as
+//!    strings, `s_uv = HKDF(salt = D, ikm = X25519(s_u, s_pk_v), info = "pairwise-mask" ‖ round ‖ min(u,v) ‖ max(u,v))`
+//!    and the self seed is `HKDF(salt = D, ikm = b_u bytes, info = "self-mask" ‖ round)`.
+//!    `PRG(seed)` is the ChaCha20 keystream (key = seed, 96-bit zero nonce,
+//!    block counter from 0), read as little-endian `u32` words, each reduced
+//!    modulo `2^bits`. The coordinator adds each `y_u` into one running sum.
+//! 5. **Consistency check.** The coordinator names the survivors `U3` (the
+//!    sites whose masked input it summed). Each survivor checks `U3 ⊆ U2`,
+//!    `|U3| ≥ t` and that it is in `U3`, then signs
+//!    `D ‖ "/survivors" ‖ round ‖ SHA256(cohort) ‖ SHA256(U3)` — once per round.
+//! 6. **Unmask.** The coordinator forwards the signatures. A site answers only
+//!    if the list is the one it signed and carries at least `t` valid signatures
+//!    from distinct members of it. It then reveals, for each `v ∈ U2`, the share
+//!    of `b_v` if `v ∈ U3`, else the share of `s_v`: never both for one site,
+//!    and only once. With `t` answers the coordinator rebuilds each survivor's
+//!    `b_v` and each dropped site's `s_v`, removes the masks, and decodes the sum.
+//!
+//! Fewer than `t` participants at any step aborts the round; the model does
+//! not change.
+
+mod client;
+mod crypto;
+mod encoding;
+mod identity;
+mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::SiteId;
+
+pub use client::Client;
+pub use encoding::{Encoding, EncodingError};
+pub use identity::{PeerVerifier, SiteSigner, VerifiedPeer};
+pub use server::{Outcome, Server};
+
+/// The smallest cohort secure aggregation accepts.
+pub const MIN_COHORT: usize = 3;
+
+/// What every participant of a round must agree on, sent with the round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// The sites asked to take part, in Shamir index order.
+    pub cohort: Vec<SiteId>,
+    /// Shares needed to rebuild a secret; also the fewest sites a round may finish with.
+    pub threshold: usize,
+    /// How updates are encoded.
+    pub encoding: Encoding,
+    /// Length of the update vector.
+    pub length: usize,
+}
+
+/// Why a setup is unusable.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// The cohort is too small.
+    #[error("secure aggregation needs a cohort of at least {MIN_COHORT} sites, got {0}")]
+    CohortTooSmall(usize),
+    /// The threshold does not fit the cohort.
+    #[error(
+        "threshold {threshold} must be more than half of the cohort of {cohort} and at most all of it"
+    )]
+    Threshold {
+        /// The threshold.
+        threshold: usize,
+        /// The cohort size.
+        cohort: usize,
+    },
+    /// A site appears twice.
+    #[error("site {0} appears twice in the cohort")]
+    Duplicate(SiteId),
+    /// The encoding could overflow.
+    #[error(transparent)]
+    Encoding(#[from] EncodingError),
+}
+
+impl Setup {
+    /// The default threshold: more than two thirds of the cohort.
+    pub fn default_threshold(cohort: usize) -> usize {
+        (2 * cohort / 3 + 1).min(cohort)
+    }
+
+    /// Check the setup; called by both sides at round start.
+    pub fn check(&self) -> Result<(), SetupError> {
+        let n = self.cohort.len();
+        if n < MIN_COHORT {
+            return Err(SetupError::CohortTooSmall(n));
+        }
+        if self.threshold * 2 <= n || self.threshold > n {
+            return Err(SetupError::Threshold {
+                threshold: self.threshold,
+                cohort: n,
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = self.cohort.iter().find(|s| !seen.insert(*s)) {
+            return Err(SetupError::Duplicate(dup.clone()));
+        }
+        self.encoding.check(n)?;
+        Ok(())
+    }
+
+    /// The 1-based Shamir index of a site.
+    pub fn index_of(&self, site: &SiteId) -> Option<u32> {
+        self.cohort
+            .iter()
+            .position(|s| s == site)
+            .map(|i| i as u32 + 1)
+    }
+}
+
+/// A site's advertised round keys, as the coordinator relays them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RosterEntry {
+    /// The site, as the coordinator claims; checked against the certificate.
+    pub site: SiteId,
+    /// The site certificate (DER).
+    pub cert: Vec<u8>,
+    /// Key for encrypting shares to this site.
+    pub cipher_pk: [u8; 32],
+    /// Key for pairwise masks.
+    pub mask_pk: [u8; 32],
+    /// Signature over the advertise transcript.
+    pub signature: Vec<u8>,
+}
+
+/// Messages from a site to the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ClientMessage {
+    /// Step 1.
+    AdvertiseKeys {
+        /// Key for encrypting shares to this site.
+        cipher_pk: [u8; 32],
+        /// Key for pairwise masks.
+        mask_pk: [u8; 32],
+        /// Signature over the advertise transcript.
+        signature: Vec<u8>,
+    },
+    /// Step 3: one ciphertext per other roster member.
+    EncryptedShares(Vec<(SiteId, Vec<u8>)>),
+    /// Step 4.
+    MaskedInput(Vec<u32>),
+    /// Step 5.
+    SurvivorSignature(Vec<u8>),
+    /// Step 6: self-mask shares of survivors and mask-key shares of dropped sites.
+    UnmaskShares {
+        /// Shares of `b_v` for survivors `v`.
+        self_mask: Vec<(SiteId, [u8; 32])>,
+        /// Shares of `s_v` for dropped `v`.
+        mask_key: Vec<(SiteId, [u8; 32])>,
+    },
+}
+
+/// Messages from the coordinator to a site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ServerMessage {
+    /// Step 2.
+    Roster(Vec<RosterEntry>),
+    /// Step 3, relayed: ciphertexts addressed to this site, by sender.
+    Shares(Vec<(SiteId, Vec<u8>)>),
+    /// Step 5: the survivors to sign.
+    Survivors(Vec<SiteId>),
+    /// Step 6: the survivors and their signatures.
+    Unmask {
+        /// The survivor list.
+        survivors: Vec<SiteId>,
+        /// Signatures over it, by signer.
+        signatures: Vec<(SiteId, Vec<u8>)>,
+    },
+}
+
+/// Why a site aborted a round; names the peer at fault where there is one.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The setup is unusable.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// This site is not in the cohort.
+    #[error("this site is not in the round's cohort")]
+    NotInCohort,
+    /// A peer's certificate failed verification.
+    #[error("peer {peer}: {reason}")]
+    BadCertificate {
+        /// The peer.
+        peer: SiteId,
+        /// Why.
+        reason: String,
+    },
+    /// A peer's key signature is invalid: its keys were altered or replaced.
+    #[error("peer {0}: its round keys are not signed by its certificate (substituted keys?)")]
+    BadSignature(SiteId),
+    /// The roster names a site outside the cohort, twice, or under another name.
+    #[error("peer {0}: not a valid roster entry")]
+    BadRosterEntry(SiteId),
+    /// The roster altered this site's own keys.
+    #[error("the roster carries other keys for this site")]
+    OwnKeysAltered,
+    /// Too few participants to continue.
+    #[error("only {got} participants, the threshold is {threshold}")]
+    TooFew {
+        /// Participants.
+        got: usize,
+        /// Threshold.
+        threshold: usize,
+    },
+    /// A share failed to decrypt: altered, replayed, or misaddressed.
+    #[error("peer {0}: its encrypted share does not open (altered, replayed or misaddressed)")]
+    BadShare(SiteId),
+    /// The survivor list is not acceptable.
+    #[error("survivor list refused: {0}")]
+    BadSurvivors(String),
+    /// The coordinator asked for a second survivor signature or unmasking.
+    #[error("the coordinator asked again for {0}; a site answers once per round")]
+    AskedTwice(&'static str),
+    /// A message arrived in the wrong phase.
+    #[error("unexpected {0} at this point of the round")]
+    OutOfOrder(&'static str),
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,519 @@
+//! Whole secure-aggregation rounds in memory: no sockets, seeded randomness.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::*;
+use crate::ids::{RoundId, SiteId};
+use crate::tls::{self, Validity};
+
+/// Messages a site sends before it goes silent and disconnects:
+/// 0 never advertises, 1 advertise, 2 + shares, 3 + masked input, 4 + signature, 5 all.
+type Lifetime = usize;
+const ALL: Lifetime = 5;
+
+struct Pki {
+    verifier: PeerVerifier,
+    signers: Vec<Arc<SiteSigner>>,
+    certs: BTreeMap<SiteId, Vec<u8>>,
+}
+
+fn pki(n: usize) -> Pki {
+    let (ca, _) = tls::create_ca("Test", &[], Validity::days_from_now(1)).unwrap();
+    let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
+    let mut signers = Vec::new();
+    let mut certs = BTreeMap::new();
+    for i in 0..n {
+        let site = SiteId::new(format!("s{i:03}")).unwrap();
+        let creds = tls::issue_site_cert(&ca, &site, Validity::days_from_now(1)).unwrap();
+        let cert = CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).unwrap();
+        certs.insert(site, cert.to_vec());
+        signers.push(Arc::new(SiteSigner::new(&cert, &key).unwrap()));
+    }
+    Pki {
+        verifier: PeerVerifier::new(ca_der).unwrap(),
+        signers,
+        certs,
+    }
+}
+
+fn setup(pki: &Pki, threshold: usize, length: usize) -> Setup {
+    let cohort: Vec<SiteId> = pki.certs.keys().cloned().collect();
+    let encoding = Encoding::new(32, 1.0, cohort.len()).unwrap();
+    Setup {
+        cohort,
+        threshold,
+        encoding,
+        length,
+    }
+}
+
+/// What the coordinator received, for checks on what it could learn.
+#[derive(Default)]
+struct Seen {
+    masked: BTreeMap<SiteId, Vec<u32>>,
+    unmask: Vec<(SiteId, ClientMessage)>,
+}
+
+struct Run {
+    outcome: Outcome,
+    encoded: BTreeMap<SiteId, Vec<u32>>,
+    seen: Seen,
+    client_errors: Vec<(SiteId, ClientError)>,
+}
+
+/// A hook that may rewrite a message from the coordinator to a site.
+type Tamper<'a> = &'a mut dyn FnMut(&SiteId, &mut ServerMessage);
+
+fn run(
+    pki: &Pki,
+    setup: &Setup,
+    round: RoundId,
+    lifetimes: &[Lifetime],
+    seed: u64,
+    tamper: Tamper<'_>,
+) -> Run {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = SystemTime::now();
+    let mut server = Server::new(round, setup.clone(), pki.certs.clone()).unwrap();
+    let mut clients = BTreeMap::new();
+    let mut sent: BTreeMap<SiteId, usize> = BTreeMap::new();
+    let mut encoded = BTreeMap::new();
+    let mut seen = Seen::default();
+    let mut client_errors = Vec::new();
+    for (signer, &life) in pki.signers.iter().zip(lifetimes) {
+        let site = signer.site().clone();
+        let values: Vec<f32> = (0..setup.length)
+            .map(|j| ((j * 7 + site.as_str().len()) % 11) as f32 / 11.0 - 0.4)
+            .collect();
+        let x = setup.encoding.encode(&values, &mut rng);
+        let mut client = Client::new(
+            round,
+            setup.clone(),
+            signer.clone(),
+            pki.verifier.clone(),
+            &mut rng,
+        )
+        .unwrap();
+        client.handle_input(x.clone()).unwrap();
+        encoded.insert(site.clone(), x);
+        clients.insert(site.clone(), (client, life));
+        sent.insert(site, 0);
+    }
+    loop {
+        let mut progressed = false;
+        // Sites speak (or drop).
+        for (site, (client, life)) in clients.iter_mut() {
+            while let Some(message) = client.poll_transmit() {
+                let count = sent.get_mut(site).unwrap();
+                if *count >= *life {
+                    continue; // this site has gone silent
+                }
+                *count += 1;
+                progressed = true;
+                match &message {
+                    ClientMessage::MaskedInput(v) => {
+                        seen.masked.insert(site.clone(), v.clone());
+                    }
+                    ClientMessage::UnmaskShares { .. } => {
+                        seen.unmask.push((site.clone(), message.clone()))
+                    }
+                    _ => {}
+                }
+                server.handle_message(site, message).unwrap();
+            }
+        }
+        // Silent sites disconnect once they have said all they will.
+        for (site, (client, life)) in &clients {
+            let _ = client;
+            if sent[site] >= *life && *life < ALL {
+                server.handle_dropped(site);
+            }
+        }
+        // The coordinator speaks.
+        while let Some((to, mut message)) = server.poll_transmit() {
+            progressed = true;
+            tamper(&to, &mut message);
+            let (client, life) = clients.get_mut(&to).unwrap();
+            if sent[&to] >= *life {
+                continue;
+            }
+            if let Err(e) = client.handle_message(message, now, &mut rng) {
+                client_errors.push((to.clone(), e));
+                *life = 0; // an aborting site leaves the round
+                server.handle_dropped(&to);
+            }
+        }
+        if let Some(outcome) = server.poll_outcome() {
+            return Run {
+                outcome,
+                encoded,
+                seen,
+                client_errors,
+            };
+        }
+        if !progressed {
+            // Every phase deadline passes with whoever answered.
+            server.close_phase();
+            if let Some(outcome) = server.poll_outcome() {
+                return Run {
+                    outcome,
+                    encoded,
+                    seen,
+                    client_errors,
+                };
+            }
+        }
+    }
+}
+
+fn no_tamper() -> impl FnMut(&SiteId, &mut ServerMessage) {
+    |_: &SiteId, _: &mut ServerMessage| {}
+}
+
+/// The exact plaintext sum of the contributors' encodings, decoded.
+fn expected_sum(setup: &Setup, run: &Run, contributors: &[SiteId]) -> Vec<f64> {
+    let mut acc = vec![0u32; setup.length];
+    for site in contributors {
+        setup.encoding.accumulate(&mut acc, &run.encoded[site]);
+    }
+    setup.encoding.decode_sum(&acc)
+}
+
+fn assert_exact(setup: &Setup, run: &Run, lifetimes: &[Lifetime]) {
+    let Outcome::Completed { sum, contributors } = &run.outcome else {
+        panic!("round aborted: {:?} (lifetimes {lifetimes:?})", run.outcome);
+    };
+    let expected: Vec<SiteId> = setup
+        .cohort
+        .iter()
+        .zip(lifetimes)
+        .filter(|(_, l)| **l >= 3)
+        .map(|(s, _)| s.clone())
+        .collect();
+    assert_eq!(
+        contributors, &expected,
+        "the survivors are those that sent masked input"
+    );
+    assert_eq!(
+        sum,
+        &expected_sum(setup, run, contributors),
+        "unmasked sum equals the plaintext sum exactly"
+    );
+}
+
+#[test]
+fn cohorts_of_3_10_and_50_with_dropouts_at_each_phase() {
+    for n in [3, 10, 50] {
+        let pki = pki(n);
+        let t = Setup::default_threshold(n);
+        let setup = setup(&pki, t, 64);
+        let full = vec![ALL; n];
+        assert_exact(
+            &setup,
+            &run(&pki, &setup, RoundId(1), &full, 1, &mut no_tamper()),
+            &full,
+        );
+        for phase in 0..ALL {
+            // As many dropouts as the threshold allows, all at this phase.
+            let mut lifetimes = vec![ALL; n];
+            for l in lifetimes.iter_mut().take(n - t) {
+                *l = phase;
+            }
+            let r = run(
+                &pki,
+                &setup,
+                RoundId(2),
+                &lifetimes,
+                phase as u64,
+                &mut no_tamper(),
+            );
+            assert_exact(&setup, &r, &lifetimes);
+        }
+    }
+}
+
+#[test]
+fn one_dropout_past_the_threshold_aborts() {
+    let n = 10;
+    let pki = pki(n);
+    let t = Setup::default_threshold(n);
+    let setup = setup(&pki, t, 16);
+    for phase in 0..ALL {
+        let mut lifetimes = vec![ALL; n];
+        for l in lifetimes.iter_mut().take(n - t + 1) {
+            *l = phase;
+        }
+        let r = run(&pki, &setup, RoundId(1), &lifetimes, 3, &mut no_tamper());
+        assert!(
+            matches!(r.outcome, Outcome::Aborted { .. }),
+            "phase {phase}: {:?}",
+            r.outcome
+        );
+    }
+}
+
+#[test]
+fn the_coordinator_never_sees_an_individual_update() {
+    let n = 10;
+    let pki = pki(n);
+    let t = Setup::default_threshold(n);
+    let setup = setup(&pki, t, 512);
+    // One site drops before its masked input, two after it.
+    let lifetimes = [2, 3, 4, ALL, ALL, ALL, ALL, ALL, ALL, ALL];
+    let r = run(&pki, &setup, RoundId(1), &lifetimes, 5, &mut no_tamper());
+    assert_exact(&setup, &r, &lifetimes);
+    for (site, masked) in &r.seen.masked {
+        let plain = &r.encoded[site];
+        let equal = masked.iter().zip(plain).filter(|(a, b)| a == b).count();
+        assert!(
+            equal < 3,
+            "{site}: {equal} of 512 masked values equal the plaintext"
+        );
+    }
+    // No site's two secrets are ever both revealed: b_v only for survivors, s_v only for the dropped.
+    let mut self_revealed = std::collections::BTreeSet::new();
+    let mut key_revealed = std::collections::BTreeSet::new();
+    for (_, reply) in &r.seen.unmask {
+        let ClientMessage::UnmaskShares {
+            self_mask,
+            mask_key,
+        } = reply
+        else {
+            unreachable!()
+        };
+        self_revealed.extend(self_mask.iter().map(|(s, _)| s.clone()));
+        key_revealed.extend(mask_key.iter().map(|(s, _)| s.clone()));
+    }
+    assert!(self_revealed.is_disjoint(&key_revealed));
+    // Site 1 sent its masked input and left: only its self-mask secret is rebuilt.
+    // Site 0 left before: only its mask key is rebuilt, and its update is in no sum.
+    assert!(self_revealed.contains(&setup.cohort[1]) && !key_revealed.contains(&setup.cohort[1]));
+    assert!(key_revealed.contains(&setup.cohort[0]) && !self_revealed.contains(&setup.cohort[0]));
+}
+
+#[test]
+fn a_substituted_key_is_detected_and_names_the_site() {
+    let pki = pki(5);
+    let setup = setup(&pki, 4, 8);
+    let victim = setup.cohort[1].clone();
+    let mut swap = |_: &SiteId, m: &mut ServerMessage| {
+        if let ServerMessage::Roster(entries) = m {
+            for e in entries.iter_mut().filter(|e| e.site == victim) {
+                e.mask_pk = [9u8; 32]; // the coordinator's own key
+            }
+        }
+    };
+    let r = run(&pki, &setup, RoundId(1), &[ALL; 5], 1, &mut swap);
+    assert!(matches!(r.outcome, Outcome::Aborted { .. }));
+    // Every site, the victim included, refuses the roster and names the victim.
+    assert_eq!(r.client_errors.len(), 5);
+    assert!(
+        r.client_errors
+            .iter()
+            .all(|(_, e)| *e == ClientError::BadSignature(victim.clone())),
+        "{:?}",
+        r.client_errors
+    );
+}
+
+#[test]
+fn a_certificate_from_another_ca_is_refused() {
+    let pki_a = pki(4);
+    let setup = setup(&pki_a, 3, 8);
+    let foreign = self::pki(4); // same site names, another CA
+    let intruder_cert = foreign.certs.values().next().unwrap().clone();
+    let mut swap = |_: &SiteId, m: &mut ServerMessage| {
+        if let ServerMessage::Roster(entries) = m {
+            entries[0].cert = intruder_cert.clone();
+        }
+    };
+    let r = run(&pki_a, &setup, RoundId(1), &[ALL; 4], 1, &mut swap);
+    assert!(
+        r.client_errors
+            .iter()
+            .any(|(_, e)| matches!(e, ClientError::BadCertificate { .. }))
+    );
+}
+
+#[test]
+fn a_share_replayed_from_an_earlier_round_is_refused() {
+    let pki = pki(4);
+    let setup = setup(&pki, 3, 8);
+    let mut recorded = BTreeMap::new();
+    let mut record = |to: &SiteId, m: &mut ServerMessage| {
+        if let ServerMessage::Shares(s) = m {
+            recorded.insert(to.clone(), s.clone());
+        }
+    };
+    run(&pki, &setup, RoundId(1), &[ALL; 4], 1, &mut record);
+    let mut replay = |to: &SiteId, m: &mut ServerMessage| {
+        if let ServerMessage::Shares(s) = m {
+            *s = recorded[to].clone();
+        }
+    };
+    let r = run(&pki, &setup, RoundId(2), &[ALL; 4], 2, &mut replay);
+    assert!(matches!(r.outcome, Outcome::Aborted { .. }));
+    assert!(
+        r.client_errors
+            .iter()
+            .all(|(_, e)| matches!(e, ClientError::BadShare(_))),
+        "{:?}",
+        r.client_errors
+    );
+    assert_eq!(r.client_errors.len(), 4);
+}
+
+/// Drive the first client to the signed state, to test what it refuses afterwards;
+/// also return the genuine unmask request the coordinator made for it.
+fn signed_client(pki: &Pki, setup: &Setup) -> (Client, ServerMessage) {
+    let mut rng = StdRng::seed_from_u64(4);
+    let now = SystemTime::now();
+    let round = RoundId(1);
+    let mut clients: Vec<Client> = pki
+        .signers
+        .iter()
+        .map(|s| {
+            let mut c = Client::new(
+                round,
+                setup.clone(),
+                s.clone(),
+                pki.verifier.clone(),
+                &mut rng,
+            )
+            .unwrap();
+            c.handle_input(vec![0; setup.length]).unwrap();
+            c
+        })
+        .collect();
+    let mut server = Server::new(round, setup.clone(), pki.certs.clone()).unwrap();
+    // Run the honest protocol until every client has signed.
+    let mut genuine = None;
+    for _ in 0..4 {
+        for (c, site) in clients.iter_mut().zip(&setup.cohort) {
+            while let Some(m) = c.poll_transmit() {
+                server.handle_message(site, m).unwrap();
+            }
+        }
+        while let Some((to, m)) = server.poll_transmit() {
+            if matches!(m, ServerMessage::Unmask { .. }) {
+                if to == setup.cohort[0] {
+                    genuine = Some(m);
+                }
+                continue; // stop before unmasking
+            }
+            let i = setup.cohort.iter().position(|s| *s == to).unwrap();
+            clients[i].handle_message(m, now, &mut rng).unwrap();
+        }
+    }
+    (
+        clients.remove(0),
+        genuine.expect("the honest protocol reaches unmasking"),
+    )
+}
+
+#[test]
+fn a_coordinator_asking_for_both_kinds_of_share_is_refused() {
+    let pki = pki(4);
+    let setup = setup(&pki, 3, 8);
+    let mut rng = StdRng::seed_from_u64(1);
+    let now = SystemTime::now();
+    let all = setup.cohort.clone();
+    let (mut client, genuine) = signed_client(&pki, &setup);
+    // The client signed `all`. A second list, dropping site 3, would reveal s_3 here
+    // while b_3 was revealed elsewhere.
+    let fewer = all[..3].to_vec();
+    assert_eq!(
+        client.handle_message(ServerMessage::Survivors(fewer.clone()), now, &mut rng),
+        Err(ClientError::AskedTwice("a survivor signature"))
+    );
+    let forged: Vec<(SiteId, Vec<u8>)> = Vec::new();
+    assert!(matches!(
+        client.handle_message(
+            ServerMessage::Unmask {
+                survivors: fewer,
+                signatures: forged.clone()
+            },
+            now,
+            &mut rng
+        ),
+        Err(ClientError::BadSurvivors(_))
+    ));
+    // The signed list, but without enough signatures.
+    assert!(matches!(
+        client.handle_message(
+            ServerMessage::Unmask {
+                survivors: all.clone(),
+                signatures: forged
+            },
+            now,
+            &mut rng
+        ),
+        Err(ClientError::BadSurvivors(_))
+    ));
+    // With the genuine signatures it answers, once.
+    let unmask = genuine;
+    client
+        .handle_message(unmask.clone(), now, &mut rng)
+        .unwrap();
+    assert!(matches!(
+        client.poll_transmit(),
+        Some(ClientMessage::UnmaskShares { .. })
+    ));
+    assert_eq!(
+        client.handle_message(unmask, now, &mut rng),
+        Err(ClientError::AskedTwice("unmasking"))
+    );
+}
+
+#[test]
+fn setups_are_checked() {
+    let pki = pki(3);
+    let mut s = setup(&pki, 2, 4);
+    s.check().unwrap();
+    s.cohort.pop();
+    assert_eq!(s.check(), Err(SetupError::CohortTooSmall(2)));
+    let mut s = setup(&pki, 1, 4);
+    assert!(
+        matches!(s.check(), Err(SetupError::Threshold { .. })),
+        "a threshold of half or less is refused"
+    );
+    s.threshold = 4;
+    assert!(matches!(s.check(), Err(SetupError::Threshold { .. })));
+    assert_eq!(Setup::default_threshold(3), 3);
+    assert_eq!(Setup::default_threshold(10), 7);
+    assert_eq!(Setup::default_threshold(50), 34);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_cohorts_thresholds_and_dropouts(
+        n in 3usize..9,
+        t_extra in 0usize..4,
+        lifetimes in proptest::collection::vec(prop_oneof![4 => Just(ALL), 1 => 0usize..ALL], 9),
+        seed in any::<u64>(),
+    ) {
+        let pki = pki(n);
+        let t = (n / 2 + 1 + t_extra).min(n);
+        let setup = setup(&pki, t, 16);
+        let lifetimes = &lifetimes[..n];
+        let r = run(&pki, &setup, RoundId(1), lifetimes, seed, &mut no_tamper());
+        // The round completes exactly when every phase keeps at least t sites.
+        let completes = (0..ALL).all(|phase| lifetimes.iter().filter(|l| **l > phase).count() >= t);
+        if completes {
+            assert_exact(&setup, &r, lifetimes);
+        } else {
+            prop_assert!(matches!(r.outcome, Outcome::Aborted { .. }), "{:?}", r.outcome);
+        }
+    }
+}
