@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use potluck_shared::round::{SiteEvent, SiteSession, SiteSessionError};
+use potluck_shared::round::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError};
+use potluck_shared::secagg::{PeerVerifier, SiteSigner};
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
 use potluck_shared::wire::{CoordinatorMessage, RoundTask};
@@ -96,6 +97,7 @@ pub struct Agent {
     config: AgentConfig,
     store: Arc<SiteStore>,
     client: quinn::ClientConfig,
+    secagg: SecAggIdentity,
 }
 
 impl Agent {
@@ -120,11 +122,16 @@ impl Agent {
         }
         let store_path = config.store_path_created()?;
         let store = Arc::new(SiteStore::open(&store_path)?);
+        let secagg = SecAggIdentity {
+            signer: Arc::new(SiteSigner::new(&identity.chain[0], &identity.key)?),
+            verifier: PeerVerifier::new(identity.ca.clone())?,
+        };
         let client = tls::client_config(identity)?;
         Ok(Self {
             config,
             store,
             client,
+            secagg,
         })
     }
 
@@ -191,7 +198,7 @@ impl Agent {
         info!(site = %self.config.site_id, coordinator = %self.config.coordinator, "connected");
         let mut inbox = spawn_reader(recv, max_frame);
         let (jobs, mut done) = spawn_worker(self.store.clone());
-        let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"));
+        let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"), Some(self.secagg.clone()));
         let result = async {
             loop {
                 while let Some(event) = session.poll_event() {
@@ -206,7 +213,7 @@ impl Agent {
                             if matches!(message, CoordinatorMessage::Welcome { .. }) {
                                 backoff.reset();
                             }
-                            session.handle_message(message)?;
+                            session.handle_message(message, std::time::SystemTime::now(), &mut rand::rng())?;
                         }
                         Some(Err(e)) => return Err(SessionError::Transport(e)),
                         None => return Err(SessionError::Closed),

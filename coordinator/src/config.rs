@@ -54,9 +54,38 @@ pub struct CoordinatorConfig {
     /// Model shape.
     #[serde(default)]
     pub model: ModelSection,
+    /// Secure aggregation.
+    #[serde(default)]
+    pub secagg: SecAggSection,
     /// Limits on what sites may send.
     #[serde(default)]
     pub limits: Limits,
+}
+
+/// `[secagg]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecAggSection {
+    /// Shares needed to unmask (absent: more than two thirds of each cohort).
+    pub threshold: Option<usize>,
+    /// Bits of the modulus updates are summed in (16 to 32).
+    pub modulus_bits: u32,
+    /// Seconds for each phase other than masked input (which has `rounds.train_timeout_secs`).
+    pub phase_timeout_secs: f64,
+    /// Combine updates in the clear: the coordinator then sees every site's update.
+    pub dangerous_disable_secure_aggregation: bool,
+}
+
+impl Default for SecAggSection {
+    fn default() -> Self {
+        let d = RoundConfig::default();
+        Self {
+            threshold: d.threshold,
+            modulus_bits: d.modulus_bits,
+            phase_timeout_secs: d.secagg_phase_timeout.as_secs_f64(),
+            dangerous_disable_secure_aggregation: !d.secure_aggregation,
+        }
+    }
 }
 
 /// Paths of the coordinator's PEM files.
@@ -222,6 +251,25 @@ impl CoordinatorConfig {
         if r.min_sites == 0 {
             return Err("rounds.min_sites must be at least 1".into());
         }
+        let secure = !self.secagg.dangerous_disable_secure_aggregation;
+        if secure && r.min_sites < potluck_shared::secagg::MIN_COHORT {
+            return Err(format!(
+                "rounds.min_sites must be at least {} with secure aggregation: a smaller cohort's sum reveals too much about each site",
+                potluck_shared::secagg::MIN_COHORT
+            ));
+        }
+        if self.secagg.threshold.is_some_and(|t| t < 2) {
+            return Err("secagg.threshold must be at least 2".into());
+        }
+        if !(16..=32).contains(&self.secagg.modulus_bits) {
+            return Err(format!(
+                "secagg.modulus_bits must be 16 to 32, got {}",
+                self.secagg.modulus_bits
+            ));
+        }
+        if !(self.secagg.phase_timeout_secs.is_finite() && self.secagg.phase_timeout_secs > 0.0) {
+            return Err("secagg.phase_timeout_secs must be a positive number".into());
+        }
         if t.epochs == 0 || t.batch_size == 0 {
             return Err("training.epochs and training.batch_size must be at least 1".into());
         }
@@ -256,6 +304,10 @@ impl CoordinatorConfig {
             cohort_wait: Duration::from_secs_f64(r.cohort_wait_secs),
             server_learning_rate: r.server_learning_rate,
             settings: self.training.clone(),
+            secure_aggregation: !self.secagg.dangerous_disable_secure_aggregation,
+            threshold: self.secagg.threshold,
+            modulus_bits: self.secagg.modulus_bits,
+            secagg_phase_timeout: Duration::from_secs_f64(self.secagg.phase_timeout_secs),
         }
     }
 
@@ -286,7 +338,13 @@ impl CoordinatorConfig {
              learning_rate = 0.5\n\
              batch_size = 32\n\
              clip_norm = 2.0\n\
-             noise_std = 0.01\n"
+             noise_std = 0.01\n\
+             \n\
+             [secagg]\n\
+             # threshold = 7   # absent: more than two thirds of each cohort\n\
+             modulus_bits = 32\n\
+             phase_timeout_secs = 30\n\
+             dangerous_disable_secure_aggregation = false\n"
         )
     }
 }

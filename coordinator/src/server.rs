@@ -58,6 +58,7 @@ type ConnId = u64;
 enum Input {
     Connected {
         site: SiteId,
+        cert: Vec<u8>,
         conn: ConnId,
         outbox: mpsc::Sender<Arc<CoordinatorMessage>>,
         connection: quinn::Connection,
@@ -208,6 +209,7 @@ impl Driver {
         match input {
             Input::Connected {
                 site,
+                cert,
                 conn,
                 outbox,
                 connection,
@@ -225,7 +227,7 @@ impl Driver {
                     self.coordinator.handle_disconnected(&site, now);
                 }
                 info!(%site, "site connected");
-                self.coordinator.handle_connected(site, now);
+                self.coordinator.handle_connected(site, cert, now);
             }
             Input::Message {
                 site,
@@ -288,9 +290,13 @@ impl Driver {
                 round,
                 model_version,
                 cohort,
+                secure,
             } => {
                 self.state.round_opened(round)?;
-                info!(%round, %model_version, sites = cohort.len(), "round opened");
+                info!(%round, %model_version, sites = cohort.len(), secure_aggregation = secure, "round opened");
+                if !secure {
+                    warn!(%round, "secure aggregation is OFF (dangerous_disable_secure_aggregation): this coordinator sees every site's update");
+                }
             }
             CoordinatorEvent::ModelCommitted(model) => self.state.save_model(&model)?,
             CoordinatorEvent::RoundCompleted(summary) => {
@@ -348,7 +354,8 @@ pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
         "eval_sites": s.eval_sites,
         "round_seconds": s.duration.as_secs_f64(),
         "bytes_received": s.bytes_received,
-        "secure_aggregation": false,
+        "secure_aggregation": s.secure_aggregation,
+        "phase_seconds": s.phase_seconds.iter().map(|(p, secs)| ((*p).to_string(), serde_json::json!(secs))).collect::<serde_json::Map<_, _>>(),
         "completed_at": time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
@@ -410,8 +417,10 @@ async fn serve_connection(
     let connection = incoming
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
-    let site = match tls::site_id_of(&connection) {
-        Ok(site) => site,
+    let identity = tls::peer_certificate(&connection)
+        .and_then(|cert| Ok((tls::site_id_from_cert(&cert)?, cert)));
+    let (site, cert) = match identity {
+        Ok(found) => found,
         Err(e) => {
             connection.close(CloseCode::Unauthorized.into(), b"no site identity");
             return Err(e.to_string());
@@ -469,6 +478,7 @@ async fn serve_connection(
     let (outbox_tx, mut outbox) = mpsc::channel::<Arc<CoordinatorMessage>>(OUTBOX);
     let connected = Input::Connected {
         site: site.clone(),
+        cert: cert.to_vec(),
         conn,
         outbox: outbox_tx,
         connection: connection.clone(),

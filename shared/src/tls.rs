@@ -186,18 +186,20 @@ pub fn site_id_from_cert(cert: &CertificateDer<'_>) -> Result<SiteId, TlsError> 
     SiteId::new(id).map_err(|e| TlsError::NoSiteIdentity(e.to_string()))
 }
 
-/// The site identity of a QUIC peer whose certificate rustls verified during the handshake.
-pub fn site_id_of(connection: &quinn::Connection) -> Result<SiteId, TlsError> {
+/// The leaf certificate a QUIC peer presented, which rustls verified during the handshake.
+pub fn peer_certificate(
+    connection: &quinn::Connection,
+) -> Result<CertificateDer<'static>, TlsError> {
     let identity = connection
         .peer_identity()
         .ok_or_else(|| TlsError::NoSiteIdentity("peer presented no certificate".into()))?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::NoSiteIdentity("peer identity is not a certificate chain".into()))?;
-    let leaf = chain
+    chain
         .first()
-        .ok_or_else(|| TlsError::NoSiteIdentity("empty certificate chain".into()))?;
-    site_id_from_cert(leaf)
+        .cloned()
+        .ok_or_else(|| TlsError::NoSiteIdentity("empty certificate chain".into()))
 }
 
 /// The franchise name (the organisation) of a certificate's subject.

@@ -116,6 +116,12 @@ async fn three_agents_train_three_rounds_over_quic() -> anyhow::Result<()> {
         assert!((0.0..=1.0).contains(&hr) && hr > 0.0, "HR@10 {hr}");
         assert!(line["baseline_popularity_hr_at_10"].as_f64().is_some());
         assert!(line["bytes_received"].as_u64().unwrap() > 0);
+        assert_eq!(
+            line["secure_aggregation"], true,
+            "secure aggregation is on by default"
+        );
+        assert_eq!(line["dropped"], 0);
+        assert!(line["phase_seconds"]["unmask"].as_f64().is_some(), "{line}");
     }
     // Every model version is stored, and the agents hold the last one.
     for v in 0..=3 {

@@ -2,8 +2,10 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::split_aggregate;
 use crate::ids::{ModelVersion, RoundId, SiteId};
 use crate::model::{GlobalModel, ModelError, SpecHash, check_vector};
+use crate::secagg::{self, Encoding, Outcome, Setup};
 use crate::wire::{
     CoordinatorMessage, EvalCounts, RoundTask, SiteMessage, SiteUpdate, TrainSettings,
 };
@@ -28,6 +30,16 @@ pub struct RoundConfig {
     pub server_learning_rate: f32,
     /// Local training and privacy settings sent with each round.
     pub settings: TrainSettings,
+    /// Combine updates by secure aggregation (the default). Turning it off lets
+    /// the coordinator see every site's update.
+    pub secure_aggregation: bool,
+    /// Shares needed to unmask; `None`: more than two thirds of the cohort.
+    pub threshold: Option<usize>,
+    /// Bits of the modulus updates are summed in.
+    pub modulus_bits: u32,
+    /// Deadline of each secure aggregation phase other than masked input
+    /// (which has `train_timeout`, since sites train before sending it).
+    pub secagg_phase_timeout: Duration,
 }
 
 impl Default for RoundConfig {
@@ -41,6 +53,10 @@ impl Default for RoundConfig {
             cohort_wait: Duration::from_secs(2),
             server_learning_rate: 1.0,
             settings: TrainSettings::default(),
+            secure_aggregation: true,
+            threshold: None,
+            modulus_bits: 32,
+            secagg_phase_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -66,6 +82,8 @@ pub enum CoordinatorEvent {
         model_version: ModelVersion,
         /// The sites asked to train.
         cohort: Vec<SiteId>,
+        /// Whether the round uses secure aggregation.
+        secure: bool,
     },
     /// A new model version exists; persist it before sending anything.
     ModelCommitted(Arc<GlobalModel>),
@@ -114,6 +132,10 @@ pub struct RoundSummary {
     pub duration: Duration,
     /// Wire bytes of the updates and reports received for the round.
     pub bytes_received: u64,
+    /// Whether the updates were combined by secure aggregation.
+    pub secure_aggregation: bool,
+    /// Seconds spent in each secure aggregation phase, in order.
+    pub phase_seconds: Vec<(&'static str, f64)>,
 }
 
 /// A site broke the protocol; the driver closes its connection.
@@ -140,6 +162,12 @@ pub enum Violation {
     /// The evaluation counts are impossible.
     #[error("implausible evaluation counts")]
     BadEvaluation,
+    /// A plain update in a round that uses secure aggregation.
+    #[error("plain update refused: this round uses secure aggregation")]
+    PlainUpdate,
+    /// A secure aggregation message that breaks that protocol.
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
 }
 
 #[derive(Debug)]
@@ -153,6 +181,7 @@ enum Phase {
 #[derive(Debug)]
 struct Training {
     round: RoundId,
+    cohort: usize,
     pending: BTreeSet<SiteId>,
     dropped: usize,
     sum: Vec<f64>,
@@ -161,6 +190,16 @@ struct Training {
     opened: Instant,
     deadline: Instant,
     bytes: u64,
+    secagg: Option<Box<SecureRound>>,
+}
+
+/// The secure aggregation server of a round, and its phase timing.
+#[derive(Debug)]
+struct SecureRound {
+    server: secagg::Server,
+    phase: &'static str,
+    phase_started: Instant,
+    phases: Vec<(&'static str, f64)>,
 }
 
 #[derive(Debug)]
@@ -185,6 +224,7 @@ pub struct Coordinator {
     completed: u64,
     retry_at: Option<Instant>,
     gather_until: Option<Instant>,
+    certs: std::collections::BTreeMap<SiteId, Vec<u8>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<CoordinatorEvent>,
 }
@@ -204,6 +244,7 @@ impl Coordinator {
             completed: 0,
             retry_at: None,
             gather_until: None,
+            certs: std::collections::BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -237,9 +278,11 @@ impl Coordinator {
 
     // ---- inputs ----
 
-    /// A site finished its handshake; it gets the current model at once.
-    pub fn handle_connected(&mut self, site: SiteId, now: Instant) {
+    /// A site finished its handshake with certificate `cert` (DER, verified by
+    /// TLS; relayed to peers for secure aggregation); it gets the current model at once.
+    pub fn handle_connected(&mut self, site: SiteId, cert: Vec<u8>, now: Instant) {
         self.connected.insert(site.clone());
+        self.certs.insert(site.clone(), cert);
         self.send(
             site,
             Arc::new(CoordinatorMessage::Model(self.model.clone())),
@@ -252,7 +295,9 @@ impl Coordinator {
         self.connected.remove(site);
         match &mut self.phase {
             Phase::Training(t) => {
-                if t.pending.remove(site) {
+                if let Some(secure) = &mut t.secagg {
+                    secure.server.handle_dropped(site);
+                } else if t.pending.remove(site) {
                     t.dropped += 1;
                 }
             }
@@ -278,6 +323,9 @@ impl Coordinator {
             SiteMessage::Evaluation(report) => {
                 self.on_evaluation(site, report.model_version, report.counts, wire_len)
             }
+            SiteMessage::SecAgg { round, message } => {
+                self.on_secagg(site, round, message, wire_len)
+            }
             SiteMessage::Declined { round, reason } => {
                 self.on_declined(site, round, reason);
                 Ok(())
@@ -289,8 +337,14 @@ impl Coordinator {
 
     /// Time has reached or passed [`Self::poll_timeout`].
     pub fn handle_timeout(&mut self, now: Instant) {
-        match &self.phase {
-            Phase::Training(t) if now >= t.deadline => self.close_training(now),
+        match &mut self.phase {
+            Phase::Training(t) if now >= t.deadline => match &mut t.secagg {
+                Some(secure) => {
+                    secure.server.close_phase();
+                    self.drive_secagg(now);
+                }
+                None => self.close_training(now),
+            },
             Phase::Evaluating(e) if now >= e.deadline => self.close_evaluation(now),
             _ => {}
         }
@@ -353,6 +407,9 @@ impl Coordinator {
         if update.round != t.round {
             return Ok(());
         }
+        if t.secagg.is_some() {
+            return Err(Violation::PlainUpdate);
+        }
         if !t.pending.contains(site) {
             return Err(Violation::UnexpectedUpdate(update.round));
         }
@@ -400,12 +457,49 @@ impl Coordinator {
         Ok(())
     }
 
+    fn on_secagg(
+        &mut self,
+        site: &SiteId,
+        round: RoundId,
+        message: secagg::ClientMessage,
+        wire_len: usize,
+    ) -> Result<(), Violation> {
+        let Phase::Training(t) = &mut self.phase else {
+            return Ok(());
+        };
+        if t.round != round {
+            return Ok(());
+        }
+        let Some(secure) = &mut t.secagg else {
+            return Err(Violation::Unexpected("secure aggregation message"));
+        };
+        t.bytes += wire_len as u64;
+        secure
+            .server
+            .handle_message(site, message)
+            .map_err(|e| Violation::SecAgg(e.to_string()))
+    }
+
     fn on_declined(&mut self, site: &SiteId, round: RoundId, reason: String) {
-        if let Phase::Training(t) = &mut self.phase
-            && t.round == round
-            && t.pending.remove(site)
-        {
-            t.dropped += 1;
+        let Phase::Training(t) = &mut self.phase else {
+            return;
+        };
+        if t.round != round {
+            return;
+        }
+        let was_asked = match &mut t.secagg {
+            Some(secure) => {
+                let pending = secure.server.pending().any(|s| s == site);
+                secure.server.handle_dropped(site);
+                pending
+            }
+            None if t.pending.remove(site) => {
+                t.dropped += 1;
+                true
+            }
+            None => false,
+        };
+        if was_asked {
             self.events.push_back(CoordinatorEvent::SiteDeclined {
                 site: site.clone(),
                 round,
@@ -414,9 +508,96 @@ impl Coordinator {
         }
     }
 
+    /// Relay what the secure aggregation server emits, time its phases, and
+    /// finish the round when it has an outcome.
+    fn drive_secagg(&mut self, now: Instant) {
+        let Phase::Training(t) = &mut self.phase else {
+            return;
+        };
+        let Some(secure) = &mut t.secagg else {
+            return;
+        };
+        let round = t.round;
+        while let Some((to, message)) = secure.server.poll_transmit() {
+            let message = Arc::new(CoordinatorMessage::SecAgg { round, message });
+            self.transmits.push_back(Transmit { to, message });
+        }
+        if secure.server.phase() != secure.phase {
+            let spent = now
+                .saturating_duration_since(secure.phase_started)
+                .as_secs_f64();
+            secure.phases.push((secure.phase, spent));
+            secure.phase = secure.server.phase();
+            secure.phase_started = now;
+            t.deadline = now
+                + if secure.server.awaits_input() {
+                    self.config.train_timeout
+                } else {
+                    self.config.secagg_phase_timeout
+                };
+        }
+        match secure.server.poll_outcome() {
+            Some(Outcome::Completed { sum, contributors }) => {
+                let (delta, loss) = split_aggregate(sum);
+                t.sum = delta;
+                t.received = contributors.len();
+                t.loss_sum = loss;
+                t.dropped = t.cohort - contributors.len();
+                self.close_training(now);
+            }
+            Some(Outcome::Aborted { reason }) => {
+                let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+                    return;
+                };
+                self.abandon(
+                    t.round,
+                    0,
+                    format!("secure aggregation aborted: {reason}"),
+                    now,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The secure aggregation setup for a cohort, checked.
+    fn secagg_setup(&self, cohort: &BTreeSet<SiteId>) -> Result<Setup, String> {
+        let n = cohort.len();
+        let settings = &self.config.settings;
+        // Clipped coordinates are within the clip norm; noise adds at most a few standard deviations.
+        let bound = settings.clip_norm + 6.0 * settings.noise_std;
+        let encoding =
+            Encoding::new(self.config.modulus_bits, bound, n).map_err(|e| e.to_string())?;
+        let setup = Setup {
+            cohort: cohort.iter().cloned().collect(),
+            threshold: self
+                .config
+                .threshold
+                .unwrap_or_else(|| Setup::default_threshold(n)),
+            encoding,
+            length: self.model.params.len() + 1,
+        };
+        setup.check().map_err(|e| e.to_string())?;
+        Ok(setup)
+    }
+
+    fn abandon(&mut self, round: RoundId, received: usize, reason: String, now: Instant) {
+        self.broadcast(CoordinatorMessage::RoundAbandoned {
+            round,
+            reason: reason.clone(),
+        });
+        self.events.push_back(CoordinatorEvent::RoundAbandoned {
+            round,
+            received,
+            reason,
+        });
+        self.retry_at = Some(now + self.config.retry_delay);
+    }
+
     /// Close a phase early once nobody is left to wait for.
     fn advance(&mut self, now: Instant) {
         match &self.phase {
+            Phase::Training(t) if t.secagg.is_some() => self.drive_secagg(now),
             Phase::Training(t) if t.pending.is_empty() => self.close_training(now),
             Phase::Evaluating(e) if e.pending.is_empty() => self.close_evaluation(now),
             _ => {}
@@ -445,11 +626,37 @@ impl Coordinator {
         let round = self.next_round;
         self.next_round = round.next();
         let cohort: BTreeSet<SiteId> = self.connected.clone();
+        let (setup, server) = if self.config.secure_aggregation {
+            let certs = cohort
+                .iter()
+                .map(|s| (s.clone(), self.certs.get(s).cloned().unwrap_or_default()))
+                .collect();
+            match self.secagg_setup(&cohort).and_then(|setup| {
+                Ok((
+                    setup.clone(),
+                    secagg::Server::new(round, setup, certs).map_err(|e| e.to_string())?,
+                ))
+            }) {
+                Ok((setup, server)) => (Some(setup), Some(server)),
+                Err(reason) => {
+                    self.abandon(
+                        round,
+                        0,
+                        format!("cannot open a secure round: {reason}"),
+                        now,
+                    );
+                    return;
+                }
+            }
+        } else {
+            (None, None)
+        };
         let task = CoordinatorMessage::RoundOpen(RoundTask {
             round,
             model_version: self.model.version,
             spec_hash: self.spec_hash,
             settings: self.config.settings.clone(),
+            secagg: setup,
         });
         let task = Arc::new(task);
         for site in &cohort {
@@ -459,42 +666,63 @@ impl Coordinator {
             round,
             model_version: self.model.version,
             cohort: cohort.iter().cloned().collect(),
+            secure: server.is_some(),
         });
+        let secagg = server.map(|server| {
+            Box::new(SecureRound {
+                phase: server.phase(),
+                server,
+                phase_started: now,
+                phases: Vec::new(),
+            })
+        });
+        let timeout = if secagg.is_some() {
+            self.config.secagg_phase_timeout
+        } else {
+            self.config.train_timeout
+        };
         self.phase = Phase::Training(Training {
             round,
+            cohort: cohort.len(),
             pending: cohort,
             dropped: 0,
-            sum: vec![0.0; self.model.params.len()],
+            // In a secure round the sum arrives whole from the secure aggregation server.
+            sum: if secagg.is_some() {
+                Vec::new()
+            } else {
+                vec![0.0; self.model.params.len()]
+            },
             received: 0,
             loss_sum: 0.0,
             opened: now,
-            deadline: now + self.config.train_timeout,
+            deadline: now + timeout,
             bytes: 0,
+            secagg,
         });
+        self.drive_secagg(now);
     }
 
     fn close_training(&mut self, now: Instant) {
         let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
         };
-        let dropped = t.dropped + t.pending.len();
+        let dropped = if t.secagg.is_some() {
+            t.dropped
+        } else {
+            t.dropped + t.pending.len()
+        };
         if t.received < self.config.min_sites.max(1) {
             let reason = format!(
                 "{} of the {} updates needed arrived",
                 t.received, self.config.min_sites
             );
-            self.broadcast(CoordinatorMessage::RoundAbandoned {
-                round: t.round,
-                reason: reason.clone(),
-            });
-            self.events.push_back(CoordinatorEvent::RoundAbandoned {
-                round: t.round,
-                received: t.received,
-                reason,
-            });
-            self.retry_at = Some(now + self.config.retry_delay);
+            self.abandon(t.round, t.received, reason, now);
             return;
         }
+        let (secure_aggregation, phase_seconds) = match t.secagg {
+            Some(secure) => (true, secure.phases),
+            None => (false, Vec::new()),
+        };
         let step = f64::from(self.config.server_learning_rate) / t.received as f64;
         let params = self
             .model
@@ -523,6 +751,8 @@ impl Coordinator {
                 eval_sites: 0,
                 duration: Duration::ZERO,
                 bytes_received: t.bytes,
+                secure_aggregation,
+                phase_seconds,
             },
             opened: t.opened,
             pending: self.connected.clone(),

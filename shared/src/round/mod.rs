@@ -28,7 +28,29 @@ mod site;
 pub use coordinator::{
     Coordinator, CoordinatorEvent, RoundConfig, RoundSummary, Transmit, Violation,
 };
-pub use site::{SiteEvent, SiteSession, SiteSessionError};
+pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError};
+
+/// A site's training loss travels as one extra coordinate of the securely
+/// aggregated vector, divided by this, so that only its sum is revealed and it
+/// stays within the encoding's coordinate bound.
+pub const LOSS_SCALE: f32 = 16.0;
+
+/// The vector a site contributes to secure aggregation: its update, then its loss.
+pub fn aggregate_vector(mut delta: Vec<f32>, train_loss: f32) -> Vec<f32> {
+    let loss = if train_loss.is_finite() {
+        train_loss / LOSS_SCALE
+    } else {
+        0.0
+    };
+    delta.push(loss);
+    delta
+}
+
+/// Split a securely aggregated sum into the update sum and the loss sum.
+pub fn split_aggregate(mut sum: Vec<f64>) -> (Vec<f64>, f64) {
+    let loss = sum.pop().unwrap_or(0.0) * f64::from(LOSS_SCALE);
+    (sum, loss)
+}
 
 #[cfg(test)]
 mod tests;

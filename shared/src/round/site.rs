@@ -1,11 +1,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rand::CryptoRng;
 
+use super::aggregate_vector;
 use crate::dp;
 use crate::ids::{ModelVersion, RoundId};
 use crate::model::GlobalModel;
+use crate::secagg::{self, PeerVerifier, SiteSigner};
 use crate::wire::{
     CoordinatorMessage, EvalCounts, EvalReport, PROTOCOL_VERSION, RoundTask, SiteMessage,
     SiteUpdate,
@@ -52,20 +55,34 @@ pub enum SiteSessionError {
     Unexpected(&'static str),
 }
 
+/// What a site needs to take part in secure aggregation.
+#[derive(Debug, Clone)]
+pub struct SecAggIdentity {
+    /// Signs the site's round keys with its certificate's key.
+    pub signer: Arc<SiteSigner>,
+    /// Checks peers' certificates against the franchise CA.
+    pub verifier: PeerVerifier,
+}
+
 /// A site's side of the round lifecycle.
 #[derive(Debug, Default)]
 pub struct SiteSession {
     welcomed: bool,
+    identity: Option<SecAggIdentity>,
     model: Option<Arc<GlobalModel>>,
     round: Option<RoundId>,
+    secagg: Option<secagg::Client>,
     transmits: VecDeque<SiteMessage>,
     events: VecDeque<SiteEvent>,
 }
 
 impl SiteSession {
-    /// A session that opens with `Hello`.
-    pub fn new(agent_version: &str) -> Self {
-        let mut session = Self::default();
+    /// A session that opens with `Hello`; without an identity it declines secure rounds.
+    pub fn new(agent_version: &str, identity: Option<SecAggIdentity>) -> Self {
+        let mut session = Self {
+            identity,
+            ..Self::default()
+        };
         session.transmits.push_back(SiteMessage::Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_version: agent_version.to_string(),
@@ -78,8 +95,13 @@ impl SiteSession {
         self.model.as_ref()
     }
 
-    /// A message from the coordinator.
-    pub fn handle_message(&mut self, message: CoordinatorMessage) -> Result<(), SiteSessionError> {
+    /// A message from the coordinator; `now` checks peers' certificates.
+    pub fn handle_message<R: CryptoRng + ?Sized>(
+        &mut self,
+        message: CoordinatorMessage,
+        now: SystemTime,
+        rng: &mut R,
+    ) -> Result<(), SiteSessionError> {
         match message {
             CoordinatorMessage::Welcome {
                 protocol_version, ..
@@ -103,8 +125,14 @@ impl SiteSession {
                 self.model = Some(model.clone());
                 self.events.push_back(SiteEvent::ModelReceived(model));
             }
-            CoordinatorMessage::RoundOpen(task) => self.on_round_open(task),
+            CoordinatorMessage::RoundOpen(task) => self.on_round_open(task, rng),
+            CoordinatorMessage::SecAgg { round, message } => {
+                self.on_secagg(round, message, now, rng)
+            }
             CoordinatorMessage::RoundAbandoned { round, .. } => {
+                if self.secagg.as_ref().is_some_and(|c| c.round() == round) {
+                    self.secagg = None;
+                }
                 if self.round == Some(round) {
                     self.round = None;
                     self.events.push_back(SiteEvent::RoundAbandoned(round));
@@ -125,8 +153,10 @@ impl SiteSession {
 
     /// Local training for `task` produced `delta` (new minus global parameters).
     ///
-    /// Clips the delta to the round's L2 bound, adds the round's Gaussian noise,
-    /// and queues the update, unless the round was abandoned meanwhile.
+    /// Clips the delta to the round's L2 bound and adds the round's Gaussian
+    /// noise; then, in a secure round, encodes it (with the loss) as this site's
+    /// masked input, else queues it as a plain update. Nothing is sent if the
+    /// round was abandoned meanwhile.
     pub fn handle_trained<R: CryptoRng + ?Sized>(
         &mut self,
         task: &RoundTask,
@@ -140,12 +170,26 @@ impl SiteSession {
         self.round = None;
         dp::clip_l2(&mut delta, task.settings.clip_norm);
         dp::add_gaussian_noise(&mut delta, task.settings.noise_std, rng);
-        self.transmits.push_back(SiteMessage::Update(SiteUpdate {
-            round: task.round,
-            model_version: task.model_version,
-            delta,
-            train_loss,
-        }));
+        let Some(setup) = &task.secagg else {
+            self.transmits.push_back(SiteMessage::Update(SiteUpdate {
+                round: task.round,
+                model_version: task.model_version,
+                delta,
+                train_loss,
+            }));
+            return;
+        };
+        let encoded = setup
+            .encoding
+            .encode(&aggregate_vector(delta, train_loss), rng);
+        let result = match self.secagg.as_mut().filter(|c| c.round() == task.round) {
+            Some(client) => client.handle_input(encoded).map_err(|e| e.to_string()),
+            None => Err("secure aggregation for this round was aborted".to_string()),
+        };
+        match result {
+            Ok(()) => self.flush_secagg(),
+            Err(reason) => self.decline(task.round, reason),
+        }
     }
 
     /// Evaluation of `model_version` at this site produced `counts`.
@@ -167,7 +211,60 @@ impl SiteSession {
         self.events.pop_front()
     }
 
-    fn on_round_open(&mut self, task: RoundTask) {
+    fn flush_secagg(&mut self) {
+        let Some(client) = self.secagg.as_mut() else {
+            return;
+        };
+        let round = client.round();
+        while let Some(message) = client.poll_transmit() {
+            self.transmits
+                .push_back(SiteMessage::SecAgg { round, message });
+        }
+    }
+
+    fn on_secagg<R: CryptoRng + ?Sized>(
+        &mut self,
+        round: RoundId,
+        message: secagg::ServerMessage,
+        now: SystemTime,
+        rng: &mut R,
+    ) {
+        let Some(client) = self.secagg.as_mut().filter(|c| c.round() == round) else {
+            return; // a round this site already left
+        };
+        match client.handle_message(message, now, rng) {
+            Ok(()) => self.flush_secagg(),
+            Err(e) => self.decline(round, format!("secure aggregation aborted: {e}")),
+        }
+    }
+
+    fn start_secagg<R: CryptoRng + ?Sized>(
+        &mut self,
+        task: &RoundTask,
+        rng: &mut R,
+    ) -> Result<(), String> {
+        let Some(setup) = &task.secagg else {
+            self.secagg = None;
+            return Ok(());
+        };
+        let identity = self
+            .identity
+            .as_ref()
+            .ok_or("this agent has no signing identity for secure aggregation")?;
+        let client = secagg::Client::new(
+            task.round,
+            setup.clone(),
+            identity.signer.clone(),
+            identity.verifier.clone(),
+            rng,
+        )
+        .map_err(|e| format!("secure aggregation refused: {e}"))?;
+        self.secagg = Some(client);
+        self.flush_secagg();
+        Ok(())
+    }
+
+    fn on_round_open<R: CryptoRng + ?Sized>(&mut self, task: RoundTask, rng: &mut R) {
         let model = match &self.model {
             Some(m) if m.version == task.model_version && m.spec.hash() == task.spec_hash => {
                 m.clone()
@@ -189,6 +286,10 @@ impl SiteSession {
                 return;
             }
         };
+        if let Err(reason) = self.start_secagg(&task, rng) {
+            self.decline(task.round, reason);
+            return;
+        }
         self.round = Some(task.round);
         self.events
             .push_back(SiteEvent::TrainRequested { task, model });

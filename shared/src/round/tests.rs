@@ -3,7 +3,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use std::time::SystemTime;
+
 use rand::SeedableRng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::*;
 use crate::ids::{ModelVersion, RoundId, SiteId};
@@ -25,6 +29,8 @@ struct Harness {
     sites: BTreeMap<SiteId, (SiteSession, Behaviour)>,
     events: Vec<CoordinatorEvent>,
     rng: rand::rngs::StdRng,
+    ca: crate::tls::Credentials,
+    verifier: crate::secagg::PeerVerifier,
 }
 
 fn site(i: usize) -> SiteId {
@@ -46,12 +52,17 @@ impl Harness {
             spec,
             params,
         };
+        let (ca, _) =
+            crate::tls::create_ca("Test", &[], crate::tls::Validity::days_from_now(1)).unwrap();
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
         let mut h = Self {
             now: Instant::now(),
             coordinator: Coordinator::new(config, model, RoundId(1)),
             sites: BTreeMap::new(),
             events: Vec::new(),
             rng: rand::rngs::StdRng::seed_from_u64(9),
+            verifier: crate::secagg::PeerVerifier::new(ca_der).unwrap(),
+            ca,
         };
         for i in 0..n {
             h.connect(site(i), Behaviour::Honest);
@@ -60,7 +71,16 @@ impl Harness {
     }
 
     fn connect(&mut self, id: SiteId, behaviour: Behaviour) {
-        let mut session = SiteSession::new("test");
+        let creds =
+            crate::tls::issue_site_cert(&self.ca, &id, crate::tls::Validity::days_from_now(1))
+                .unwrap();
+        let cert = CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).unwrap();
+        let identity = SecAggIdentity {
+            signer: std::sync::Arc::new(crate::secagg::SiteSigner::new(&cert, &key).unwrap()),
+            verifier: self.verifier.clone(),
+        };
+        let mut session = SiteSession::new("test", Some(identity));
         let hello = session.poll_transmit().unwrap();
         assert!(matches!(
             hello,
@@ -70,13 +90,11 @@ impl Harness {
             }
         ));
         session
-            .handle_message(CoordinatorMessage::Welcome {
-                protocol_version: PROTOCOL_VERSION,
-                franchise: "t".into(),
-            })
+            .handle_message(welcome(), SystemTime::now(), &mut self.rng)
             .unwrap();
         self.sites.insert(id.clone(), (session, behaviour));
-        self.coordinator.handle_connected(id, self.now);
+        self.coordinator
+            .handle_connected(id, cert.to_vec(), self.now);
         self.pump();
     }
 
@@ -108,7 +126,9 @@ impl Harness {
             while let Some(t) = self.coordinator.poll_transmit() {
                 progressed = true;
                 if let Some((session, _)) = self.sites.get_mut(&t.to) {
-                    session.handle_message((*t.message).clone()).unwrap();
+                    session
+                        .handle_message((*t.message).clone(), SystemTime::now(), &mut self.rng)
+                        .unwrap();
                 }
             }
             let ids: Vec<_> = self.sites.keys().cloned().collect();
@@ -168,11 +188,20 @@ impl Harness {
     }
 }
 
+fn welcome() -> CoordinatorMessage {
+    CoordinatorMessage::Welcome {
+        protocol_version: PROTOCOL_VERSION,
+        franchise: "t".into(),
+    }
+}
+
+/// Plain mode: the harness checks the coordinator's arithmetic on known deltas.
 fn config(min_sites: usize, max_rounds: u64) -> RoundConfig {
     let mut c = RoundConfig {
         min_sites,
         max_rounds: Some(max_rounds),
         cohort_wait: Duration::ZERO,
+        secure_aggregation: false,
         ..RoundConfig::default()
     };
     c.settings.clip_norm = 1e6; // the harness's deltas must pass unclipped
@@ -335,22 +364,25 @@ fn protocol_violations_are_reported_not_applied() {
 
 #[test]
 fn sites_decline_rounds_for_a_model_they_do_not_hold() {
-    let mut s = SiteSession::new("t");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut s = SiteSession::new("t", None);
     s.poll_transmit();
-    s.handle_message(CoordinatorMessage::Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        franchise: "f".into(),
-    })
-    .unwrap();
+    s.handle_message(welcome(), SystemTime::now(), &mut rng)
+        .unwrap();
     let spec = ModelSpec::new(small_menu(3));
     let task = crate::wire::RoundTask {
         round: RoundId(4),
         model_version: ModelVersion(2),
         spec_hash: spec.hash(),
         settings: RoundConfig::default().settings,
+        secagg: None,
     };
-    s.handle_message(CoordinatorMessage::RoundOpen(task))
-        .unwrap();
+    s.handle_message(
+        CoordinatorMessage::RoundOpen(task),
+        SystemTime::now(),
+        &mut rng,
+    )
+    .unwrap();
     assert!(matches!(
         s.poll_transmit(),
         Some(SiteMessage::Declined {
@@ -363,37 +395,42 @@ fn sites_decline_rounds_for_a_model_they_do_not_hold() {
 
 #[test]
 fn a_site_refuses_another_protocol_version() {
-    let mut s = SiteSession::new("t");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut s = SiteSession::new("t", None);
+    let future = CoordinatorMessage::Welcome {
+        protocol_version: PROTOCOL_VERSION + 1,
+        franchise: "f".into(),
+    };
     let err = s
-        .handle_message(CoordinatorMessage::Welcome {
-            protocol_version: PROTOCOL_VERSION + 1,
-            franchise: "f".into(),
-        })
+        .handle_message(future, SystemTime::now(), &mut rng)
         .unwrap_err();
     assert!(matches!(err, SiteSessionError::VersionMismatch { .. }));
+    let refused = CoordinatorMessage::Refused { reason: "x".into() };
     assert!(
-        s.handle_message(CoordinatorMessage::Refused { reason: "x".into() })
+        s.handle_message(refused, SystemTime::now(), &mut rng)
             .is_err()
     );
 }
 
 #[test]
 fn the_site_clips_and_noises_its_update() {
-    let mut s = SiteSession::new("t");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut s = SiteSession::new("t", None);
     s.poll_transmit();
-    s.handle_message(CoordinatorMessage::Welcome {
-        protocol_version: PROTOCOL_VERSION,
-        franchise: "f".into(),
-    })
-    .unwrap();
+    s.handle_message(welcome(), SystemTime::now(), &mut rng)
+        .unwrap();
     let spec = ModelSpec::new(small_menu(3));
     let model = GlobalModel {
         version: ModelVersion(0),
         params: spec.initial_params(0),
         spec: spec.clone(),
     };
-    s.handle_message(CoordinatorMessage::Model(std::sync::Arc::new(model)))
-        .unwrap();
+    s.handle_message(
+        CoordinatorMessage::Model(std::sync::Arc::new(model)),
+        SystemTime::now(),
+        &mut rng,
+    )
+    .unwrap();
     let mut settings = RoundConfig::default().settings;
     settings.clip_norm = 1.0;
     settings.noise_std = 0.0;
@@ -402,13 +439,125 @@ fn the_site_clips_and_noises_its_update() {
         model_version: ModelVersion(0),
         spec_hash: spec.hash(),
         settings,
+        secagg: None,
     };
-    s.handle_message(CoordinatorMessage::RoundOpen(task.clone()))
-        .unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    s.handle_message(
+        CoordinatorMessage::RoundOpen(task.clone()),
+        SystemTime::now(),
+        &mut rng,
+    )
+    .unwrap();
     s.handle_trained(&task, vec![10.0; spec.param_count()], 0.0, &mut rng);
     let Some(SiteMessage::Update(update)) = s.poll_transmit() else {
         panic!("an update is queued")
     };
     assert!((crate::dp::l2_norm(&update.delta) - 1.0).abs() < 1e-4);
+}
+
+/// Secure aggregation through the whole lifecycle: the same average as plain mode,
+/// up to fixed-point rounding, with a site dropping mid-round.
+#[test]
+fn secure_rounds_average_like_plain_rounds_and_survive_a_dropout() {
+    let wait = Duration::from_secs(1);
+    let secure = RoundConfig {
+        secure_aggregation: true,
+        cohort_wait: wait,
+        ..config(4, 1)
+    };
+    let mut h = Harness::new(0, secure);
+    for i in 0..5 {
+        h.connect(
+            site(i),
+            if i == 4 {
+                Behaviour::Silent
+            } else {
+                Behaviour::Honest
+            },
+        );
+    }
+    h.advance(wait);
+    // site-4 advertised and shared keys but never trains: it drops before its masked input.
+    assert!(h.completed().is_empty());
+    h.disconnect(&site(4));
+    let done = h.completed();
+    assert_eq!(done.len(), 1, "{:?}", h.events);
+    let summary = done[0];
+    assert!(summary.secure_aggregation);
+    assert_eq!((summary.participants, summary.dropped), (4, 1));
+    let phases: Vec<_> = summary.phase_seconds.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        phases,
+        [
+            "advertise_keys",
+            "share_keys",
+            "masked_input",
+            "consistency_check",
+            "unmask"
+        ]
+    );
+    // Deltas 1, 2, 3, 4 average to 2.5, up to one unit of the fixed-point scale
+    // (coarse here: the harness's clip bound is huge).
+    let settings = &config(4, 1).settings;
+    let scale = crate::secagg::Encoding::new(32, settings.clip_norm, 5)
+        .unwrap()
+        .scale;
+    let start = ModelSpec::new(small_menu(4)).initial_params(1);
+    for (a, b) in start.iter().zip(&h.coordinator.model().params) {
+        assert!(
+            f64::from((b - a - 2.5).abs()) <= 1.0 / scale + 1e-5,
+            "{a} -> {b}"
+        );
+    }
+    let loss_tolerance = f64::from(super::LOSS_SCALE) / scale;
+    assert!(
+        (summary.train_loss - 1.0).abs() <= loss_tolerance,
+        "the loss is aggregated too: {}",
+        summary.train_loss
+    );
+}
+
+#[test]
+fn a_plain_update_in_a_secure_round_is_refused() {
+    let secure = RoundConfig {
+        secure_aggregation: true,
+        ..config(3, 1)
+    };
+    let mut h = Harness::new(0, secure);
+    for i in 0..3 {
+        h.connect(site(i), Behaviour::Silent);
+    }
+    let round = h.coordinator.current_round().unwrap();
+    let len = h.coordinator.model().params.len();
+    let update = SiteMessage::Update(crate::wire::SiteUpdate {
+        round,
+        model_version: ModelVersion(0),
+        delta: vec![0.0; len],
+        train_loss: 0.0,
+    });
+    assert_eq!(
+        h.coordinator.handle_message(&site(0), update, 1, h.now),
+        Err(Violation::PlainUpdate)
+    );
+}
+
+#[test]
+fn a_secure_round_that_loses_too_many_sites_is_abandoned() {
+    let secure = RoundConfig {
+        secure_aggregation: true,
+        ..config(3, 1)
+    };
+    let mut h = Harness::new(0, secure);
+    for i in 0..3 {
+        h.connect(
+            site(i),
+            if i == 0 {
+                Behaviour::Silent
+            } else {
+                Behaviour::Honest
+            },
+        );
+    }
+    h.disconnect(&site(0)); // threshold 3 of 3: one loss is one too many
+    assert_eq!(h.abandoned(), 1);
+    assert_eq!(h.coordinator.model().version, ModelVersion(0));
 }

@@ -53,10 +53,10 @@ enum Phase {
 impl Phase {
     fn name(self) -> &'static str {
         match self {
-            Phase::Advertise => "advertise keys",
-            Phase::ShareKeys => "share keys",
-            Phase::MaskedInput => "masked input",
-            Phase::Consistency => "consistency check",
+            Phase::Advertise => "advertise_keys",
+            Phase::ShareKeys => "share_keys",
+            Phase::MaskedInput => "masked_input",
+            Phase::Consistency => "consistency_check",
             Phase::Unmask => "unmask",
             Phase::Finished => "finished",
         }
@@ -125,6 +125,11 @@ impl Server {
     /// The current phase's name, for logs and metrics.
     pub fn phase(&self) -> &'static str {
         self.phase.name()
+    }
+
+    /// Whether the current phase waits for masked inputs (which need local training first).
+    pub fn awaits_input(&self) -> bool {
+        self.phase == Phase::MaskedInput
     }
 
     /// Sites whose answer the current phase still waits for.

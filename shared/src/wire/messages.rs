@@ -20,6 +20,13 @@ pub enum SiteMessage {
     Update(SiteUpdate),
     /// Evaluation counts for a global model version.
     Evaluation(EvalReport),
+    /// A secure aggregation message for a round.
+    SecAgg {
+        /// The round.
+        round: RoundId,
+        /// The message.
+        message: crate::secagg::ClientMessage,
+    },
     /// The site will not take part in a round, and why.
     Declined {
         /// The round declined.
@@ -49,6 +56,13 @@ pub enum CoordinatorMessage {
     Model(Arc<GlobalModel>),
     /// A round is open: train on the named model version and send an update.
     RoundOpen(RoundTask),
+    /// A secure aggregation message for a round.
+    SecAgg {
+        /// The round.
+        round: RoundId,
+        /// The message.
+        message: crate::secagg::ServerMessage,
+    },
     /// A round ended without a new model; drop any work for it.
     RoundAbandoned {
         /// The round abandoned.
@@ -69,6 +83,8 @@ pub struct RoundTask {
     pub spec_hash: SpecHash,
     /// Local training and privacy settings.
     pub settings: TrainSettings,
+    /// Secure aggregation for this round; `None` only when it is dangerously disabled.
+    pub secagg: Option<crate::secagg::Setup>,
 }
 
 /// Local training settings and the privacy bounds applied to the update.
