@@ -8,12 +8,16 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 Usage: scripts/demo.sh [--out DIR] [--sites N] [--rounds R] [--port P] [--release]
+                      [--dangerous-disable-secure-aggregation]
 
   --out DIR    where everything is written (default ./demo-run; replaced if it exists)
   --sites N    number of restaurant sites (default 5, at least 3)
   --rounds R   training rounds (default 10)
   --port P     the coordinator's UDP port on 127.0.0.1 (default 7443)
   --release    build optimised binaries (slower first build, faster rounds)
+  --dangerous-disable-secure-aggregation
+               combine updates in the clear (for comparison only: the
+               coordinator then sees every site's update)
 
 The coordinator's state, including metrics.jsonl, ends up in DIR/coordinator/,
 process logs in DIR/logs/.
@@ -26,6 +30,7 @@ ROUNDS=10
 PORT=7443
 PROFILE=debug
 CARGO_FLAGS=()
+INSECURE=false
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
@@ -33,6 +38,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --release) PROFILE=release; CARGO_FLAGS=(--release); shift ;;
+    --dangerous-disable-secure-aggregation) INSECURE=true; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "demo.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -81,6 +87,9 @@ max_rounds = $ROUNDS
 train_timeout_secs = 120
 eval_timeout_secs = 60
 retry_delay_secs = 2
+
+[secagg]
+dangerous_disable_secure_aggregation = $INSECURE
 TOML
 
 SITE_IDS=()
