@@ -84,13 +84,20 @@ pub fn combine(parts: &[ScalarPart]) -> Option<Scalar> {
     shares.combine().ok().map(|s| s.0)
 }
 
+/// Concatenate parts, each preceded by its length as a 4-byte big-endian integer,
+/// so that no two lists of parts encode alike.
+fn framed<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    for part in parts {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part);
+    }
+    out
+}
+
 fn hkdf(ikm: &[u8], label: &[u8], context: &[&[u8]]) -> Zeroizing<[u8; 32]> {
     let kdf = hkdf::Hkdf::<Sha256>::new(Some(DOMAIN), ikm);
-    let mut info = Vec::with_capacity(64);
-    for part in std::iter::once(label).chain(context.iter().copied()) {
-        info.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        info.extend_from_slice(part);
-    }
+    let info = framed(std::iter::once(label).chain(context.iter().copied()));
     let mut key = Zeroizing::new([0u8; 32]);
     kdf.expand(&info, key.as_mut())
         .expect("32 bytes is a valid HKDF-SHA256 output length");
@@ -119,14 +126,11 @@ pub fn share_key(
 
 fn share_aad(round: RoundId, from: &SiteId, to: &SiteId) -> Vec<u8> {
     let mut aad = DOMAIN.to_vec();
-    for part in [
+    aad.extend(framed([
         &round.0.to_be_bytes()[..],
         from.as_str().as_bytes(),
         to.as_str().as_bytes(),
-    ] {
-        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        aad.extend_from_slice(part);
-    }
+    ]));
     aad
 }
 
