@@ -166,22 +166,22 @@ impl Client {
 
     fn on_roster<R: CryptoRng + ?Sized>(
         &mut self,
-        entries: Vec<RosterEntry>,
+        entries: Arc<Vec<RosterEntry>>,
         now: SystemTime,
         rng: &mut R,
     ) -> Result<(), ClientError> {
         if self.phase != Phase::Advertised {
             return Err(ClientError::OutOfOrder("roster"));
         }
-        for entry in entries {
-            let peer = self.verify_entry(&entry, now)?;
+        for entry in entries.iter() {
+            let peer = self.verify_entry(entry, now)?;
             if entry.site == self.me
                 && (entry.cipher_pk != crypto::x25519_public(&self.cipher_secret)
                     || entry.mask_pk != crypto::x25519_public(&self.mask_secret))
             {
                 return Err(ClientError::OwnKeysAltered);
             }
-            self.peers.insert(entry.site, peer);
+            self.peers.insert(entry.site.clone(), peer);
         }
         if !self.peers.contains_key(&self.me) {
             return Err(ClientError::OwnKeysAltered);

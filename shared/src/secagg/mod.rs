@@ -188,8 +188,8 @@ pub enum ClientMessage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ServerMessage {
-    /// Step 2.
-    Roster(Vec<RosterEntry>),
+    /// Step 2. Shared: the same roster goes to every site.
+    Roster(std::sync::Arc<Vec<RosterEntry>>),
     /// Step 3, relayed: ciphertexts addressed to this site, by sender.
     Shares(Vec<(SiteId, Vec<u8>)>),
     /// Step 5: the survivors to sign.

@@ -275,7 +275,8 @@ impl Server {
 
     fn start_share_keys(&mut self) -> Result<(), String> {
         self.enough(self.roster.len(), "advertised keys")?;
-        let roster: Vec<RosterEntry> = self.roster.values().cloned().collect();
+        let roster: std::sync::Arc<Vec<RosterEntry>> =
+            std::sync::Arc::new(self.roster.values().cloned().collect());
         for site in self.roster.keys() {
             self.outbox
                 .push_back((site.clone(), ServerMessage::Roster(roster.clone())));

@@ -307,6 +307,7 @@ fn a_substituted_key_is_detected_and_names_the_site() {
     let victim = setup.cohort[1].clone();
     let mut swap = |_: &SiteId, m: &mut ServerMessage| {
         if let ServerMessage::Roster(entries) = m {
+            let entries = std::sync::Arc::make_mut(entries);
             for e in entries.iter_mut().filter(|e| e.site == victim) {
                 e.mask_pk = [9u8; 32]; // the coordinator's own key
             }
@@ -333,7 +334,7 @@ fn a_certificate_from_another_ca_is_refused() {
     let intruder_cert = foreign.certs.values().next().unwrap().clone();
     let mut swap = |_: &SiteId, m: &mut ServerMessage| {
         if let ServerMessage::Roster(entries) = m {
-            entries[0].cert = intruder_cert.clone();
+            std::sync::Arc::make_mut(entries)[0].cert = intruder_cert.clone();
         }
     };
     let r = run(&pki_a, &setup, RoundId(1), &[ALL; 4], 1, &mut swap);
