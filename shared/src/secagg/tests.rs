@@ -56,6 +56,27 @@ fn setup(pki: &Pki, threshold: usize, length: usize) -> Setup {
     }
 }
 
+/// A site's client for `round`, given its encoded input.
+fn new_client(
+    pki: &Pki,
+    setup: &Setup,
+    signer: &Arc<SiteSigner>,
+    round: RoundId,
+    input: Vec<u32>,
+    rng: &mut StdRng,
+) -> Client {
+    let mut client = Client::new(
+        round,
+        setup.clone(),
+        signer.clone(),
+        pki.verifier.clone(),
+        rng,
+    )
+    .unwrap();
+    client.handle_input(input).unwrap();
+    client
+}
+
 /// What the coordinator received, for checks on what it could learn.
 #[derive(Default)]
 struct Seen {
@@ -89,21 +110,14 @@ fn run(
     let mut encoded = BTreeMap::new();
     let mut seen = Seen::default();
     let mut client_errors = Vec::new();
-    for (signer, &life) in pki.signers.iter().zip(lifetimes) {
+    for (i, (signer, &life)) in pki.signers.iter().zip(lifetimes).enumerate() {
         let site = signer.site().clone();
+        // Distinct per site, so a sum over the wrong sites cannot match.
         let values: Vec<f32> = (0..setup.length)
-            .map(|j| ((j * 7 + site.as_str().len()) % 11) as f32 / 11.0 - 0.4)
+            .map(|j| ((j * 7 + i * 13) % 11) as f32 / 11.0 - 0.4)
             .collect();
         let x = setup.encoding.encode(&values, &mut rng);
-        let mut client = Client::new(
-            round,
-            setup.clone(),
-            signer.clone(),
-            pki.verifier.clone(),
-            &mut rng,
-        )
-        .unwrap();
-        client.handle_input(x.clone()).unwrap();
+        let client = new_client(pki, setup, signer, round, x.clone(), &mut rng);
         encoded.insert(site.clone(), x);
         clients.insert(site.clone(), (client, life));
         sent.insert(site, 0);
@@ -382,18 +396,7 @@ fn signed_client(pki: &Pki, setup: &Setup) -> (Client, ServerMessage) {
     let mut clients: Vec<Client> = pki
         .signers
         .iter()
-        .map(|s| {
-            let mut c = Client::new(
-                round,
-                setup.clone(),
-                s.clone(),
-                pki.verifier.clone(),
-                &mut rng,
-            )
-            .unwrap();
-            c.handle_input(vec![0; setup.length]).unwrap();
-            c
-        })
+        .map(|s| new_client(pki, setup, s, round, vec![0; setup.length], &mut rng))
         .collect();
     let mut server = Server::new(round, setup.clone(), pki.certs.clone()).unwrap();
     // Run the honest protocol until every client has signed.
