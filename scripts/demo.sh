@@ -7,17 +7,24 @@ set -euo pipefail
 
 usage() {
   cat <<'TXT'
-Usage: scripts/demo.sh [--out DIR] [--sites N] [--rounds R] [--port P] [--release]
+Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--port P]
+                      [--epsilon E | --no-privacy] [--skip-local-only] [--release]
                       [--dangerous-disable-secure-aggregation]
 
   --out DIR    where everything is written (default ./demo-run; replaced if it exists)
   --sites N    number of restaurant sites (default 5, at least 3)
+  --customers C  customers per site (default 100)
   --rounds R   training rounds (default 10)
+  --epsilon E  the privacy budget per customer for the whole run, at delta 1e-6
+               (default 4): the noise is calibrated so that R rounds fit in it
+  --no-privacy no differential privacy noise (for comparison only)
+  --skip-local-only
+               do not train the local-only comparison models (faster)
   --port P     the coordinator's UDP port on 127.0.0.1 (default 7443)
   --release    build optimised binaries (slower first build, faster rounds)
   --dangerous-disable-secure-aggregation
                combine updates in the clear (for comparison only: the
-               coordinator then sees every site's update)
+               coordinator then sees every site's update; implies --no-privacy)
 
 The coordinator's state, including metrics.jsonl, ends up in DIR/coordinator/,
 process logs in DIR/logs/.
@@ -27,6 +34,10 @@ TXT
 OUT=./demo-run
 SITES=5
 ROUNDS=10
+CUSTOMERS=100
+EPSILON=4
+PRIVACY=true
+LOCAL_ONLY=true
 PORT=7443
 PROFILE=debug
 CARGO_FLAGS=()
@@ -36,9 +47,13 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --sites) SITES="$2"; shift 2 ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
+    --customers) CUSTOMERS="$2"; shift 2 ;;
+    --epsilon) EPSILON="$2"; shift 2 ;;
+    --no-privacy) PRIVACY=false; shift ;;
+    --skip-local-only) LOCAL_ONLY=false; shift ;;
     --port) PORT="$2"; shift 2 ;;
     --release) PROFILE=release; CARGO_FLAGS=(--release); shift ;;
-    --dangerous-disable-secure-aggregation) INSECURE=true; shift ;;
+    --dangerous-disable-secure-aggregation) INSECURE=true; PRIVACY=false; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "demo.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
@@ -67,7 +82,7 @@ mkdir -p "$OUT/logs" "$OUT/sites"
 OUT="$(cd "$OUT" && pwd)"
 
 echo "==> generating a synthetic franchise of $SITES sites"
-"$COORD" synth --out "$OUT/data" --sites "$SITES" --seed 7
+"$COORD" synth --out "$OUT/data" --sites "$SITES" --customers "$CUSTOMERS" --seed 7
 echo "==> creating the franchise CA"
 "$COORD" ca init --dir "$OUT/pki" --franchise "Demo Franchise"
 
@@ -90,7 +105,20 @@ retry_delay_secs = 2
 
 [secagg]
 dangerous_disable_secure_aggregation = $INSECURE
+
+# Customer-level distributed differential privacy: the budget below is spent
+# over the whole run; the noise is calibrated so that max_rounds fit in it.
+[privacy]
+enabled = $PRIVACY
+target_epsilon = $EPSILON
+delta = 1e-6
+planned_rounds = $ROUNDS
 TOML
+if [ "$PRIVACY" = true ]; then
+  echo "==> privacy budget: epsilon $EPSILON at delta 1e-6 per customer, over $ROUNDS rounds"
+else
+  echo "==> WARNING: differential privacy is off for this run (comparison only)"
+fi
 
 SITE_IDS=()
 for f in "$OUT"/data/site-*.csv; do SITE_IDS+=("$(basename "$f" .csv)"); done
@@ -98,6 +126,10 @@ echo "==> enrolling and importing ${#SITE_IDS[@]} sites"
 for site in "${SITE_IDS[@]}"; do
   "$COORD" enroll --pki "$OUT/pki" --site "$site" --out "$OUT/sites/$site" \
     --coordinator "127.0.0.1:$PORT" --menu "$OUT/data/menu.csv" >/dev/null
+  if [ "$PRIVACY" = false ]; then
+    # Sites refuse rounds without privacy unless told otherwise.
+    sed -i 's/^require = true$/require = false/' "$OUT/sites/$site/agent.toml"
+  fi
   "$AGENT" import --config "$OUT/sites/$site/agent.toml" "$OUT/data/$site.csv"
 done
 
@@ -124,13 +156,17 @@ PIDS=()
 for pid in "${STARTED[@]:1}"; do kill "$pid" 2>/dev/null || true; done
 for pid in "${STARTED[@]:1}"; do wait "$pid" 2>/dev/null || true; done
 
-echo "==> training a local-only model at each site, for comparison"
-: > "$OUT/local-only.jsonl"
-for site in "${SITE_IDS[@]}"; do
-  "$AGENT" local-only --config "$OUT/sites/$site/agent.toml" --rounds "$ROUNDS" --json >> "$OUT/local-only.jsonl"
-done
+REPORT_FLAGS=()
+if [ "$LOCAL_ONLY" = true ]; then
+  echo "==> training a local-only model at each site, for comparison"
+  : > "$OUT/local-only.jsonl"
+  for site in "${SITE_IDS[@]}"; do
+    "$AGENT" local-only --config "$OUT/sites/$site/agent.toml" --rounds "$ROUNDS" --json >> "$OUT/local-only.jsonl"
+  done
+  REPORT_FLAGS=(--local-only "$OUT/local-only.jsonl")
+fi
 
 echo
-"$COORD" report --metrics "$OUT/coordinator/metrics.jsonl" --local-only "$OUT/local-only.jsonl"
+"$COORD" report --metrics "$OUT/coordinator/metrics.jsonl" "${REPORT_FLAGS[@]}"
 echo
 echo "Everything is in $OUT (metrics: $OUT/coordinator/metrics.jsonl, logs: $OUT/logs/)."

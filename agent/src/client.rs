@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use potluck_shared::round::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError};
+use potluck_shared::round::{
+    SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step,
+};
 use potluck_shared::secagg::{PeerVerifier, SiteSigner};
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
@@ -21,11 +23,12 @@ use rand::RngExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, PrivacyLimits};
 use crate::dataset::SiteData;
 use crate::evaluation::evaluate;
 use crate::store::{SiteStore, StoreError};
-use crate::training::{Trained, train};
+use crate::training::{Trained, private_contribution, train};
+use potluck_shared::dp::Contribution;
 use potluck_shared::model::GlobalModel;
 use potluck_shared::wire::EvalCounts;
 
@@ -83,12 +86,20 @@ enum SessionError {
 
 enum Job {
     Model(Arc<GlobalModel>),
-    Train(RoundTask, Arc<GlobalModel>),
+    Train(Box<RoundTask>, Arc<GlobalModel>),
 }
 
 enum Done {
     Evaluated(ModelVersion, EvalCounts),
-    Trained(RoundTask, Result<Trained, String>),
+    Trained(Box<RoundTask>, Result<Work, String>),
+}
+
+/// What local training produced for a round.
+enum Work {
+    /// A delta, for a round without differential privacy.
+    Plain(Trained),
+    /// The sampled units' clipped, rounded contributions, before noise.
+    Private(Contribution),
 }
 
 /// A site agent.
@@ -197,7 +208,7 @@ impl Agent {
             .map_err(|e| SessionError::Connect(e.to_string()))?;
         info!(site = %self.config.site_id, coordinator = %self.config.coordinator, "connected");
         let mut inbox = spawn_reader(recv, max_frame);
-        let (jobs, mut done) = spawn_worker(self.store.clone());
+        let (jobs, mut done) = spawn_worker(self.store.clone(), self.config.privacy.clone());
         let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"), Some(self.secagg.clone()));
         let result = async {
             loop {
@@ -263,9 +274,13 @@ impl Agent {
                 }
                 session.handle_evaluated(version, counts);
             }
-            Done::Trained(task, Ok(trained)) => {
+            Done::Trained(task, Ok(Work::Plain(trained))) => {
                 debug!(site = %self.config.site_id, round = %task.round, loss = trained.loss, "trained");
                 session.handle_trained(&task, trained.delta, trained.loss, &mut rand::rng());
+            }
+            Done::Trained(task, Ok(Work::Private(contribution))) => {
+                debug!(site = %self.config.site_id, round = %task.round, units = contribution.units(), "trained");
+                session.handle_contribution(&task, contribution, &mut rand::rng());
             }
             Done::Trained(task, Err(reason)) => {
                 warn!(site = %self.config.site_id, round = %task.round, %reason, "declining round");
@@ -299,6 +314,7 @@ fn spawn_reader(
 
 fn spawn_worker(
     store: Arc<SiteStore>,
+    limits: PrivacyLimits,
 ) -> (std::sync::mpsc::Sender<Job>, mpsc::UnboundedReceiver<Done>) {
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -307,10 +323,7 @@ fn spawn_worker(
             let done = match job {
                 Job::Model(model) => Done::Evaluated(model.version, on_model(&store, &model)),
                 Job::Train(task, model) => {
-                    let result = site_data(&store, &model).and_then(|data| {
-                        train(&model, &data.train, &task.settings, rand::rng().random())
-                            .map_err(|e| e.to_string())
-                    });
+                    let result = train_for_round(&store, &limits, &task, &model);
                     Done::Trained(task, result)
                 }
             };
@@ -320,6 +333,61 @@ fn spawn_worker(
         }
     });
     (job_tx, done_rx)
+}
+
+/// Train for a round, within this site's own privacy limits.
+fn train_for_round(
+    store: &SiteStore,
+    limits: &PrivacyLimits,
+    task: &RoundTask,
+    model: &GlobalModel,
+) -> Result<Work, String> {
+    let data = site_data(store, model)?;
+    let Some(privacy) = &task.privacy else {
+        if limits.require {
+            return Err(
+                "this site requires differential privacy and the round has none \
+                        (agent.toml [privacy] require)"
+                    .into(),
+            );
+        }
+        return train(model, &data.train, &task.settings, rand::rng().random())
+            .map(Work::Plain)
+            .map_err(|e| e.to_string());
+    };
+    let step = privacy_step(task).ok_or("a private round without secure aggregation")?;
+    let spent = store
+        .spend_privacy(
+            &privacy.lineage,
+            task.round,
+            step,
+            limits.max_epsilon,
+            limits.delta,
+        )
+        .map_err(|e| e.to_string())?;
+    match spent {
+        Ok(epsilon) => info!(
+            round = %task.round,
+            lineage = %privacy.lineage,
+            epsilon = format!("{epsilon:.4}"),
+            max_epsilon = limits.max_epsilon,
+            "privacy ledger: round recorded"
+        ),
+        Err(refusal) => {
+            warn!(
+                round = %task.round,
+                lineage = %refusal.lineage,
+                spent = format!("{:.4}", refusal.spent),
+                next = format!("{:.4}", refusal.next),
+                max_epsilon = refusal.max,
+                "privacy ledger: refusing the round"
+            );
+            return Err(refusal.to_string());
+        }
+    }
+    private_contribution(model, &data, &task.settings, privacy, &mut rand::rng())
+        .map(Work::Private)
+        .map_err(|e| e.to_string())
 }
 
 /// Keep a new model and evaluate it; failures are logged and reported as zero cases.

@@ -53,6 +53,31 @@ pub struct AgentConfig {
     /// Limits on what the coordinator may send.
     #[serde(default)]
     pub limits: Limits,
+    /// This site's own privacy limits, enforced whatever the coordinator asks.
+    #[serde(default)]
+    pub privacy: PrivacyLimits,
+}
+
+/// The privacy this site allows to be spent on its customers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyLimits {
+    /// Largest epsilon per model lineage; past it the site trains no more for that lineage.
+    pub max_epsilon: f64,
+    /// The delta that epsilon is stated at.
+    pub delta: f64,
+    /// Refuse rounds without distributed differential privacy.
+    pub require: bool,
+}
+
+impl Default for PrivacyLimits {
+    fn default() -> Self {
+        Self {
+            max_epsilon: 8.0,
+            delta: 1e-6,
+            require: true,
+        }
+    }
 }
 
 /// Paths of the site's PEM files.

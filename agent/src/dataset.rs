@@ -28,6 +28,15 @@ pub struct SiteData {
     pub eval: Vec<EvalCase>,
     /// Item order counts over the training orders, indexed by menu position.
     pub popularity: Vec<u32>,
+    /// Each customer's training examples, as a range of `train`.
+    pub customers: Vec<std::ops::Range<usize>>,
+}
+
+impl SiteData {
+    /// One customer's training examples.
+    pub fn customer_examples(&self, customer: usize) -> &[Example] {
+        &self.train[self.customers[customer].clone()]
+    }
 }
 
 impl SiteData {
@@ -63,7 +72,9 @@ impl SiteData {
                     *count += 1;
                 }
             }
+            let start = data.train.len();
             data.train.extend(training_examples(train_orders, decay));
+            data.customers.push(start..data.train.len());
         }
         data
     }

@@ -11,6 +11,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use potluck_shared::RoundId;
+use potluck_shared::dp::accountant::Step;
+use potluck_shared::dp::{Ledger, Refusal};
 use potluck_shared::model::{GlobalModel, Menu, OrderRecord};
 use potluck_shared::wire::codec;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -284,6 +287,42 @@ impl SiteStore {
         })
     }
 
+    /// The privacy ledger of a model lineage (empty if this site never trained for it).
+    pub fn ledger(&self, lineage: &str) -> Result<Ledger, StoreError> {
+        Ok(self.meta(&ledger_key(lineage))?.unwrap_or_default())
+    }
+
+    /// Check a round against the lineage's ledger and record it, in one
+    /// transaction: the outer error is the store's, the inner a refusal.
+    pub fn spend_privacy(
+        &self,
+        lineage: &str,
+        round: RoundId,
+        step: Step,
+        max_epsilon: f64,
+        delta: f64,
+    ) -> Result<Result<f64, Refusal>, StoreError> {
+        let key = ledger_key(lineage);
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let mut ledger: Ledger = {
+            let meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+            let stored = meta.get(key.as_str()).map_err(|e| self.db_err(e))?;
+            match stored {
+                Some(bytes) => codec::decode(bytes.value()).map_err(|e| self.corrupt(e))?,
+                None => Ledger::default(),
+            }
+        };
+        let outcome = ledger.spend(lineage, round, step, max_epsilon, delta);
+        if outcome.is_ok() {
+            let bytes = codec::encode(&ledger).map_err(|e| self.corrupt(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+            meta.insert(key.as_str(), bytes.as_slice())
+                .map_err(|e| self.db_err(e))?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(outcome)
+    }
+
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
@@ -294,6 +333,10 @@ impl SiteStore {
             .map(Some)
             .map_err(|e| self.corrupt(e))
     }
+}
+
+fn ledger_key(lineage: &str) -> String {
+    format!("privacy-ledger/{lineage}")
 }
 
 /// The model's view of an order: local weekday and hour from time and offset.

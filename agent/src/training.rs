@@ -3,10 +3,13 @@
 use burn::module::Module;
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::Device;
+use potluck_shared::dp::{Contribution, PrivacyUnit, RoundPrivacy};
 use potluck_shared::model::{Batch, Example, GlobalModel, ModelError, ModelSpec, Recommender};
 use potluck_shared::wire::TrainSettings;
-use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use rand::{CryptoRng, RngExt, SeedableRng};
+
+use crate::dataset::SiteData;
 
 /// Why local training could not run.
 #[derive(Debug, thiserror::Error)]
@@ -85,4 +88,34 @@ pub fn train(
         .map(|(n, o)| n - o)
         .collect();
     Ok(Trained { delta, loss })
+}
+
+/// A private round's contribution: per unit (each customer sampled with the
+/// round's probability, or the whole site), the delta of local training from
+/// the global model, clipped and rounded as [`Contribution::add`] does.
+///
+/// Sampling uses `rng`, a cryptographically secure generator: the privacy
+/// amplification of sampling holds only if nobody can predict who was sampled.
+/// A round where nobody is sampled still sends (pure noise), so silence
+/// reveals nothing.
+pub fn private_contribution<R: CryptoRng + ?Sized>(
+    model: &GlobalModel,
+    data: &SiteData,
+    settings: &TrainSettings,
+    privacy: &RoundPrivacy,
+    rng: &mut R,
+) -> Result<Contribution, TrainError> {
+    let mut contribution = Contribution::new(model.params.len());
+    let units: Vec<&[Example]> = match privacy.unit {
+        PrivacyUnit::Site => vec![&data.train[..]],
+        PrivacyUnit::Customer => (0..data.customers.len())
+            .filter(|_| rng.random::<f64>() < privacy.sampling_rate)
+            .map(|c| data.customer_examples(c))
+            .collect(),
+    };
+    for examples in units.into_iter().filter(|e| !e.is_empty()) {
+        let trained = train(model, examples, settings, rng.random())?;
+        contribution.add(privacy, trained.delta, rng);
+    }
+    Ok(contribution)
 }

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use potluck_shared::dp::{PrivacyUnit, accountant};
 use potluck_shared::model::ModelDims;
-use potluck_shared::round::RoundConfig;
+use potluck_shared::round::{PrivacyPolicy, RoundConfig};
 use potluck_shared::wire::TrainSettings;
 use potluck_shared::wire::frame::DEFAULT_MAX_FRAME;
 use serde::Deserialize;
@@ -60,6 +61,76 @@ pub struct CoordinatorConfig {
     /// Limits on what sites may send.
     #[serde(default)]
     pub limits: Limits,
+    /// Distributed differential privacy and the budget.
+    #[serde(default)]
+    pub privacy: PrivacySection,
+}
+
+/// `[privacy]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacySection {
+    /// Distributed differential privacy (needs secure aggregation).
+    pub enabled: bool,
+    /// The model lineage the budget belongs to; sites keep their ledgers by it.
+    pub lineage: String,
+    /// Whose privacy is protected: "customer" (default) or "site".
+    pub unit: PrivacyUnit,
+    /// The budget: epsilon for the whole lineage...
+    pub target_epsilon: f64,
+    /// ...at this delta.
+    pub delta: f64,
+    /// Probability that a customer is sampled in a round.
+    pub sampling_rate: f64,
+    /// L2 bound of one customer's (or site's) contribution.
+    pub clip_norm: f32,
+    /// Noise on the sum over the clip norm; absent: the smallest that fits
+    /// `planned_rounds` into the budget.
+    pub noise_multiplier: Option<f64>,
+    /// Rounds the budget is calibrated for; absent: `rounds.max_rounds`.
+    pub planned_rounds: Option<u64>,
+}
+
+impl Default for PrivacySection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            lineage: "default".into(),
+            unit: PrivacyUnit::Customer,
+            target_epsilon: 4.0,
+            delta: 1e-6,
+            sampling_rate: 0.2,
+            clip_norm: 0.5,
+            noise_multiplier: None,
+            planned_rounds: None,
+        }
+    }
+}
+
+impl PrivacySection {
+    /// The noise multiplier: as configured, or calibrated to the budget.
+    pub fn noise_multiplier(&self, max_rounds: Option<u64>) -> Result<f64, String> {
+        if let Some(z) = self.noise_multiplier {
+            return Ok(z);
+        }
+        let rounds = self.planned_rounds.or(max_rounds).ok_or(
+            "privacy.noise_multiplier or privacy.planned_rounds (or rounds.max_rounds) must be set \
+             to calibrate the noise to the budget",
+        )?;
+        let q = match self.unit {
+            PrivacyUnit::Customer => self.sampling_rate,
+            PrivacyUnit::Site => 1.0,
+        };
+        let z =
+            accountant::calibrate(self.target_epsilon, q, rounds, self.delta).ok_or_else(|| {
+                format!(
+                    "privacy: no noise multiplier fits {rounds} rounds into epsilon {}",
+                    self.target_epsilon
+                )
+            })?;
+        // A hair above the continuous calibration, for the discrete correction.
+        Ok(z * 1.001)
+    }
 }
 
 /// `[secagg]`.
@@ -280,7 +351,46 @@ impl CoordinatorConfig {
         if !(0.0..=1.0).contains(&self.model.history_decay) {
             return Err("model.history_decay must be between 0 and 1".into());
         }
-        Ok(())
+        self.check_privacy()
+    }
+
+    fn check_privacy(&self) -> Result<(), String> {
+        let p = &self.privacy;
+        if !p.enabled {
+            return Ok(());
+        }
+        if self.secagg.dangerous_disable_secure_aggregation {
+            return Err(
+                "privacy.enabled needs secure aggregation: each site adds only its share \
+                        of the noise; set privacy.enabled = false to run without secure aggregation"
+                    .into(),
+            );
+        }
+        if !(p.sampling_rate > 0.0 && p.sampling_rate <= 1.0) {
+            return Err(format!(
+                "privacy.sampling_rate must be in (0, 1], got {}",
+                p.sampling_rate
+            ));
+        }
+        if !(p.delta > 0.0 && p.delta < 1.0) {
+            return Err(format!("privacy.delta must be in (0, 1), got {}", p.delta));
+        }
+        for (field, value) in [
+            ("privacy.target_epsilon", p.target_epsilon),
+            ("privacy.clip_norm", f64::from(p.clip_norm)),
+            (
+                "privacy.noise_multiplier",
+                p.noise_multiplier.unwrap_or(1.0),
+            ),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(format!("{field} must be a positive number, got {value}"));
+            }
+        }
+        if p.lineage.trim().is_empty() {
+            return Err("privacy.lineage must not be empty".into());
+        }
+        p.noise_multiplier(self.rounds.max_rounds).map(|_| ())
     }
 
     /// The model's layer widths.
@@ -292,9 +402,19 @@ impl CoordinatorConfig {
         }
     }
 
-    /// The round lifecycle settings.
+    /// The round lifecycle settings (the config must have passed [`Self::check`]).
     pub fn round_config(&self) -> RoundConfig {
         let r = &self.rounds;
+        let p = &self.privacy;
+        let privacy = p.enabled.then(|| PrivacyPolicy {
+            lineage: p.lineage.clone(),
+            unit: p.unit,
+            sampling_rate: p.sampling_rate,
+            noise_multiplier: p.noise_multiplier(r.max_rounds).unwrap_or(f64::INFINITY),
+            clip_norm: p.clip_norm,
+            target_epsilon: p.target_epsilon,
+            delta: p.delta,
+        });
         RoundConfig {
             min_sites: r.min_sites,
             max_rounds: r.max_rounds,
@@ -308,6 +428,7 @@ impl CoordinatorConfig {
             threshold: self.secagg.threshold,
             modulus_bits: self.secagg.modulus_bits,
             secagg_phase_timeout: Duration::from_secs_f64(self.secagg.phase_timeout_secs),
+            privacy,
         }
     }
 
@@ -344,7 +465,21 @@ impl CoordinatorConfig {
              # threshold = 7   # absent: more than two thirds of each cohort\n\
              modulus_bits = 32\n\
              phase_timeout_secs = 30\n\
-             dangerous_disable_secure_aggregation = false\n"
+             dangerous_disable_secure_aggregation = false\n\
+             \n\
+             # Distributed differential privacy: each site adds its share of discrete\n\
+             # Gaussian noise inside secure aggregation. No round opens that would take\n\
+             # the lineage past target_epsilon; sites also keep their own ledgers.\n\
+             [privacy]\n\
+             enabled = true\n\
+             lineage = \"default\"\n\
+             unit = \"customer\"\n\
+             target_epsilon = 4.0\n\
+             delta = 1e-6\n\
+             sampling_rate = 0.2\n\
+             clip_norm = 0.5\n\
+             # noise_multiplier = 1.0   # absent: calibrated to fit planned_rounds\n\
+             planned_rounds = 20\n"
         )
     }
 }

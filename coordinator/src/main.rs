@@ -45,6 +45,9 @@ enum Command {
     },
     /// Generate a synthetic franchise: menu.csv and one orders CSV per site.
     Synth(SynthArgs),
+    /// Privacy arithmetic: epsilon of a training plan, or the noise a target needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
     /// Print a per-round table from metrics.jsonl and compare the final model with baselines.
     Report {
         /// The coordinator's metrics.jsonl.
@@ -80,6 +83,65 @@ enum CaCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// The RDP accountant on the Poisson-subsampled (continuous) Gaussian mechanism,
+/// converted to (epsilon, delta) as Google's dp-accounting `RdpAccountant` does.
+#[derive(Debug, Subcommand)]
+enum PrivacyCommand {
+    /// Epsilon spent by T rounds with noise multiplier Z, each customer sampled with probability Q.
+    Epsilon {
+        /// Noise standard deviation over the clip norm (z).
+        #[arg(long, value_parser = positive)]
+        noise_multiplier: f64,
+        #[command(flatten)]
+        plan: PrivacyPlan,
+    },
+    /// The smallest noise multiplier that keeps T rounds within a target epsilon.
+    Noise {
+        /// The target epsilon.
+        #[arg(long, value_parser = positive)]
+        epsilon: f64,
+        #[command(flatten)]
+        plan: PrivacyPlan,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PrivacyPlan {
+    /// Probability that a customer is sampled in a round (q), in (0, 1].
+    #[arg(long, value_parser = sampling_rate)]
+    sampling_rate: f64,
+    /// Number of rounds (T).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// Delta, in (0, 1): the probability the epsilon bound may fail.
+    #[arg(long, value_parser = delta)]
+    delta: f64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn positive(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a positive number")),
+    }
+}
+
+fn sampling_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a probability in (0, 1]")),
+    }
+}
+
+fn delta(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a number in (0, 1)")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -156,12 +218,58 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Synth(args) => generate(args),
+        Command::Privacy(command) => privacy(command),
         Command::Report {
             metrics,
             local_only,
             json,
         } => report(&metrics, local_only.as_deref(), json),
     }
+}
+
+fn privacy(command: PrivacyCommand) -> Result<()> {
+    use potluck_shared::dp::{Step, accountant};
+    match command {
+        PrivacyCommand::Epsilon {
+            noise_multiplier,
+            plan,
+        } => {
+            let step = Step::gaussian(plan.sampling_rate, noise_multiplier);
+            let spent = accountant::epsilon(&step, plan.steps, plan.delta);
+            if plan.json {
+                let out = serde_json::json!({"epsilon": spent.epsilon, "order": spent.order});
+                println!("{out}");
+            } else {
+                println!(
+                    "epsilon {:.4} at delta {} (best Renyi order {}) after {} rounds, q = {}, z = {}",
+                    spent.epsilon,
+                    plan.delta,
+                    spent.order,
+                    plan.steps,
+                    plan.sampling_rate,
+                    noise_multiplier
+                );
+            }
+        }
+        PrivacyCommand::Noise { epsilon, plan } => {
+            let z = accountant::calibrate(epsilon, plan.sampling_rate, plan.steps, plan.delta)
+                .with_context(|| {
+                    format!(
+                        "no noise multiplier up to 10^4 keeps {} rounds within epsilon {epsilon}",
+                        plan.steps
+                    )
+                })?;
+            if plan.json {
+                println!("{}", serde_json::json!({"noise_multiplier": z}));
+            } else {
+                println!(
+                    "noise multiplier {z:.4} keeps {} rounds at q = {} within epsilon {epsilon} at delta {}",
+                    plan.steps, plan.sampling_rate, plan.delta
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn enroll(args: EnrollArgs) -> Result<()> {

@@ -38,8 +38,11 @@ pub struct RoundLine {
     pub model_version: u64,
     /// Sites averaged.
     pub participants: u64,
-    /// Mean training loss.
-    pub train_loss: f64,
+    /// Mean training loss (absent in private rounds, which reveal none).
+    pub train_loss: Option<f64>,
+    /// Epsilon spent by the lineage after this round, when private.
+    #[serde(default)]
+    pub epsilon: Option<f64>,
     /// HR@10 of the global model.
     pub eval_hr_at_10: Option<f64>,
     /// NDCG@10 of the global model.
@@ -125,19 +128,20 @@ fn fmt(v: Option<f64>) -> String {
 /// The per-round table.
 pub fn table(rounds: &[RoundLine]) -> String {
     let mut out = String::from(
-        "round  model  sites    loss   HR@10  NDCG@10  popularity  personal  seconds      kB\n",
+        "round  model  sites    loss   HR@10  NDCG@10  popularity  personal  epsilon  seconds      kB\n",
     );
     for r in rounds {
         out.push_str(&format!(
-            "{:5}  {:5}  {:5}  {:6.3}  {}   {}      {}    {}  {:7.1}  {:6}\n",
+            "{:5}  {:5}  {:5}  {}  {}   {}      {}    {}   {}  {:7.1}  {:6}\n",
             r.round,
             r.model_version,
             r.participants,
-            r.train_loss,
+            fmt(r.train_loss),
             fmt(r.eval_hr_at_10),
             fmt(r.eval_ndcg_at_10),
             fmt(r.baseline_popularity_hr_at_10),
             fmt(r.baseline_personal_hr_at_10),
+            fmt(r.epsilon),
             r.round_seconds,
             r.bytes_received / 1000
         ));

@@ -13,12 +13,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use potluck_shared::SiteId;
 use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::round::{Coordinator, CoordinatorEvent, RoundSummary};
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
 use potluck_shared::wire::{CoordinatorMessage, PROTOCOL_VERSION, SiteMessage};
+use potluck_shared::{RoundId, SiteId};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -90,6 +90,8 @@ pub struct RunSummary {
     pub rounds_abandoned: u64,
     /// The last model version.
     pub model_version: u64,
+    /// Rounds sites declined, with their reasons.
+    pub declined: Vec<(SiteId, RoundId, String)>,
 }
 
 /// A bound coordinator, ready to run.
@@ -136,6 +138,26 @@ impl Server {
         spec.history_decay = self.config.model.history_decay;
         let model = self.state.load_or_init(spec, self.config.model.seed)?;
         let next_round = self.state.next_round()?;
+        let lineage = &self.config.privacy.lineage;
+        let spent = self.state.privacy_steps(lineage)?;
+        if self.config.privacy.enabled {
+            let policy = self.config.round_config().privacy;
+            info!(
+                %lineage,
+                rounds_spent = spent.len(),
+                target_epsilon = self.config.privacy.target_epsilon,
+                delta = self.config.privacy.delta,
+                noise_multiplier = policy.as_ref().map(|p| p.noise_multiplier),
+                sampling_rate = self.config.privacy.sampling_rate,
+                clip_norm = self.config.privacy.clip_norm,
+                unit = %self.config.privacy.unit,
+                "differential privacy on"
+            );
+        } else {
+            warn!(
+                "differential privacy is OFF ([privacy] enabled = false): model updates carry no calibrated noise"
+            );
+        }
         info!(
             franchise = %self.franchise,
             listen = %self.local_addr().map_err(|source| ServeError::Bind { addr: self.config.listen, source })?,
@@ -146,8 +168,10 @@ impl Server {
             self.config.rounds.min_sites
         );
         let mut driver = Driver {
-            coordinator: Coordinator::new(self.config.round_config(), model, next_round),
+            coordinator: Coordinator::new(self.config.round_config(), model, next_round)
+                .with_spent(&spent),
             state: self.state.clone(),
+            lineage: lineage.clone(),
             peers: HashMap::new(),
             summary: RunSummary::default(),
         };
@@ -199,6 +223,7 @@ fn far_future() -> tokio::time::Instant {
 struct Driver {
     coordinator: Coordinator,
     state: StateDir,
+    lineage: String,
     peers: HashMap<SiteId, Peer>,
     summary: RunSummary,
 }
@@ -318,8 +343,30 @@ impl Driver {
                 reason,
             } => {
                 warn!(%site, %round, %reason, "site declined the round");
+                self.summary.declined.push((site, round, reason));
             }
-            CoordinatorEvent::TrainingFinished => info!("all configured rounds completed"),
+            CoordinatorEvent::PrivacySpent {
+                round,
+                step,
+                epsilon,
+            } => {
+                self.state
+                    .record_privacy(&self.lineage, round, &step, epsilon)?;
+                info!(%round, epsilon = format!("{epsilon:.4}"), noise_multiplier = step.noise_multiplier, "privacy ledger: round recorded");
+            }
+            CoordinatorEvent::BudgetExhausted {
+                spent,
+                next,
+                target,
+            } => {
+                warn!(
+                    spent = format!("{spent:.4}"),
+                    next = format!("{next:.4}"),
+                    target,
+                    "privacy budget reached: one more round would exceed the target epsilon; training stops"
+                );
+            }
+            CoordinatorEvent::TrainingFinished => info!("training finished"),
             _ => {}
         }
         Ok(())
@@ -355,6 +402,12 @@ pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
         "round_seconds": s.duration.as_secs_f64(),
         "bytes_received": s.bytes_received,
         "secure_aggregation": s.secure_aggregation,
+        "epsilon": s.privacy.as_ref().map(|p| p.epsilon),
+        "delta": s.privacy.as_ref().map(|p| p.delta),
+        "noise_multiplier": s.privacy.as_ref().map(|p| p.noise_multiplier),
+        "sampling_rate": s.privacy.as_ref().map(|p| p.sampling_rate),
+        "clip_norm": s.privacy.as_ref().map(|p| p.clip_norm),
+        "private_units": s.privacy.as_ref().map(|p| p.units),
         "phase_seconds": s.phase_seconds.iter().map(|(p, secs)| ((*p).to_string(), serde_json::json!(secs))).collect::<serde_json::Map<_, _>>(),
         "completed_at": time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -368,12 +421,18 @@ fn describe(s: &RoundSummary) -> String {
             .map_or("n/a".to_string(), |(hr, _)| format!("{hr:.3}"))
     };
     format!(
-        "round {} -> model v{}: {} sites ({} dropped), loss {:.3}, HR@10 {} (popularity {}, personal {}) on {} held-out orders, {:.1} s, {} kB received",
+        "round {} -> model v{}: {} sites ({} dropped), {}, HR@10 {} (popularity {}, personal {}) on {} held-out orders, {:.1} s, {} kB received",
         s.round,
         s.model_version,
         s.participants,
         s.dropped,
-        s.train_loss,
+        match &s.privacy {
+            Some(p) => format!(
+                "epsilon {:.3} (delta {}, z {:.3}, ~{:.0} customers)",
+                p.epsilon, p.delta, p.noise_multiplier, p.units
+            ),
+            None => format!("loss {:.3}", s.train_loss),
+        },
         pct(&s.eval.model),
         pct(&s.eval.popularity),
         pct(&s.eval.personal),

@@ -4,11 +4,15 @@
 //!   to a temporary file, synced and renamed, so a version is either whole or absent.
 //! - `next_round`: the next round number, so numbers are not reused after a restart.
 //! - `metrics.jsonl`: one JSON object per completed round, appended.
+//! - `privacy.jsonl`: the privacy ledger, one JSON object per private round,
+//!   appended and synced *before* the round's task is sent, so the privacy
+//!   spent is never undercounted, whatever happens next.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use potluck_shared::RoundId;
+use potluck_shared::dp::Step;
 use potluck_shared::model::{GlobalModel, ModelSpec};
 use potluck_shared::wire::codec;
 
@@ -161,17 +165,74 @@ impl StateDir {
         )
     }
 
+    fn privacy_path(&self) -> PathBuf {
+        self.root.join("privacy.jsonl")
+    }
+
+    /// Record a private round's mechanism in the ledger, durably.
+    pub fn record_privacy(
+        &self,
+        lineage: &str,
+        round: RoundId,
+        step: &Step,
+        epsilon: f64,
+    ) -> Result<(), StateError> {
+        let line = serde_json::json!({
+            "lineage": lineage,
+            "round": round.0,
+            "step": step,
+            "epsilon": epsilon,
+        });
+        append_line(&self.privacy_path(), &line)
+    }
+
+    /// The mechanisms of every private round of `lineage` recorded so far.
+    pub fn privacy_steps(&self, lineage: &str) -> Result<Vec<Step>, StateError> {
+        let path = self.privacy_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let mut steps = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let corrupt = |reason: String| StateError::Corrupt {
+                path: format!("{}:{}", path.display(), number + 1),
+                reason,
+            };
+            let entry: LedgerLine =
+                serde_json::from_str(line).map_err(|e| corrupt(e.to_string()))?;
+            if entry.lineage == lineage {
+                steps.push(entry.step);
+            }
+        }
+        Ok(steps)
+    }
+
     /// Append one JSON line to `metrics.jsonl`.
     pub fn append_metrics(&self, line: &serde_json::Value) -> Result<(), StateError> {
-        let path = self.metrics_path();
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        writeln!(file, "{line}").map_err(io(&path))?;
-        file.sync_data().map_err(io(&path))
+        append_line(&self.metrics_path(), line)
     }
+}
+
+#[derive(serde::Deserialize)]
+struct LedgerLine {
+    lineage: String,
+    step: Step,
+}
+
+/// Append one line and sync it.
+fn append_line(path: &Path, line: &serde_json::Value) -> Result<(), StateError> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    writeln!(file, "{line}").map_err(io(path))?;
+    file.sync_data().map_err(io(path))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {

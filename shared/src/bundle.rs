@@ -42,6 +42,13 @@ pub fn agent_toml(
          [tls]\n\
          ca = \"{CA_CERT}\"\n\
          cert = \"{SITE_CERT}\"\n\
-         key = \"{SITE_KEY}\"\n"
+         key = \"{SITE_KEY}\"\n\
+         \n\
+         # This site's own privacy limit per model lineage, enforced whatever the\n\
+         # coordinator asks (see the README, \"Differential privacy\").\n\
+         [privacy]\n\
+         max_epsilon = 8.0\n\
+         delta = 1e-6\n\
+         require = true\n"
     )
 }

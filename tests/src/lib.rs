@@ -44,6 +44,16 @@ pub struct Franchise {
 impl Franchise {
     /// Generate `sites` sites of `customers` customers, a CA, and enrol and import every site.
     pub fn new(sites: usize, customers: usize, max_rounds: u64) -> anyhow::Result<Self> {
+        Self::with_config(sites, customers, max_rounds, "")
+    }
+
+    /// As [`Franchise::new`], with `extra` TOML tables (say `[privacy]`) in coordinator.toml.
+    pub fn with_config(
+        sites: usize,
+        customers: usize,
+        max_rounds: u64,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let root = dir.path();
         let data = synth::generate(&SynthConfig {
@@ -60,7 +70,7 @@ impl Franchise {
              [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n\
              [rounds]\nmin_sites = {sites}\nmax_rounds = {max_rounds}\ntrain_timeout_secs = 60\n\
              eval_timeout_secs = 30\nretry_delay_secs = 0.5\n\
-             [model]\nembedding = 16\ncontext = 4\nhidden = 32\n"
+             [model]\nembedding = 16\ncontext = 4\nhidden = 32\n{extra}\n"
         );
         let config_path = root.join("coordinator.toml");
         std::fs::write(&config_path, coordinator_config)?;
@@ -133,6 +143,7 @@ pub fn agent_config(site: &SiteId, dir: &Path, coordinator: SocketAddr) -> Agent
             key: dir.join(bundle::SITE_KEY),
         },
         limits: Limits::default(),
+        privacy: Default::default(),
     }
 }
 
@@ -156,6 +167,12 @@ impl RunningCoordinator {
             let _ = stopped.wait_for(|s| *s).await;
         }));
         Ok(Self { addr, task, stop })
+    }
+
+    /// Stop it now and return what it did.
+    pub async fn stop(self) -> anyhow::Result<RunSummary> {
+        let _ = self.stop.send(true);
+        Ok(tokio::time::timeout(Duration::from_secs(10), self.task).await???)
     }
 
     /// Wait for it to finish its rounds, at most `limit`.

@@ -48,8 +48,8 @@ async fn doomed_site(f: &Franchise, i: usize, addr: std::net::SocketAddr, death:
                     session.handle_evaluated(m.version, EvalCounts::default())
                 }
                 SiteEvent::TrainRequested { task, model } => {
-                    let delta = vec![0.0; model.params.len()];
-                    session.handle_trained(&task, delta, 0.0, &mut rand::rng());
+                    let nobody = potluck_shared::dp::Contribution::new(model.params.len());
+                    session.handle_contribution(&task, nobody, &mut rand::rng());
                 }
                 _ => {}
             }

@@ -122,7 +122,25 @@ async fn three_agents_train_three_rounds_over_quic() -> anyhow::Result<()> {
         );
         assert_eq!(line["dropped"], 0);
         assert!(line["phase_seconds"]["unmask"].as_f64().is_some(), "{line}");
+        let epsilon = line["epsilon"]
+            .as_f64()
+            .expect("differential privacy is on by default");
+        assert!(
+            epsilon > 0.0 && epsilon <= 4.0,
+            "within the default budget: {line}"
+        );
+        for field in ["delta", "noise_multiplier", "sampling_rate", "clip_norm"] {
+            assert!(line[field].as_f64().is_some(), "{field} in {line}");
+        }
     }
+    let epsilons: Vec<f64> = metrics
+        .iter()
+        .map(|l| l["epsilon"].as_f64().unwrap())
+        .collect();
+    assert!(
+        epsilons.windows(2).all(|w| w[0] < w[1]),
+        "ε grows: {epsilons:?}"
+    );
     // Every model version is stored, and the agents hold the last one.
     for v in 0..=3 {
         assert!(

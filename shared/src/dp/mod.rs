@@ -7,6 +7,16 @@
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
+pub mod accountant;
+pub mod discrete_gaussian;
+pub mod distributed;
+pub mod ledger;
+
+pub use accountant::{Accountant, Guarantee, Step};
+pub use discrete_gaussian::DiscreteGaussian;
+pub use distributed::{Contribution, PrivacyUnit, RoundPrivacy};
+pub use ledger::{Ledger, Refusal};
+
 /// The L2 norm, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f64 {
     values

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::split_aggregate;
+use crate::dp::{Accountant, PrivacyUnit, RoundPrivacy, Step};
 use crate::ids::{ModelVersion, RoundId, SiteId};
 use crate::model::{GlobalModel, ModelError, SpecHash, check_vector};
 use crate::secagg::{self, Encoding, Outcome, Setup};
@@ -40,6 +41,37 @@ pub struct RoundConfig {
     /// Deadline of each secure aggregation phase other than masked input
     /// (which has `train_timeout`, since sites train before sending it).
     pub secagg_phase_timeout: Duration,
+    /// Distributed differential privacy and its budget; `None`: no noise.
+    pub privacy: Option<PrivacyPolicy>,
+}
+
+/// The privacy a model lineage is trained under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyPolicy {
+    /// Names the model lineage whose budget rounds spend; sites keep ledgers by it.
+    pub lineage: String,
+    /// Whose privacy is protected.
+    pub unit: PrivacyUnit,
+    /// Probability that a customer is sampled in a round (ignored for the site unit).
+    pub sampling_rate: f64,
+    /// Noise standard deviation on the sum over the clip norm.
+    pub noise_multiplier: f64,
+    /// L2 bound of one unit's contribution.
+    pub clip_norm: f32,
+    /// The budget: no round opens that would take ε above this...
+    pub target_epsilon: f64,
+    /// ...at this δ.
+    pub delta: f64,
+}
+
+impl PrivacyPolicy {
+    /// The sampling rate rounds use: 1 for the site unit, where every site takes part.
+    pub fn effective_sampling_rate(&self) -> f64 {
+        match self.unit {
+            PrivacyUnit::Customer => self.sampling_rate,
+            PrivacyUnit::Site => 1.0,
+        }
+    }
 }
 
 impl Default for RoundConfig {
@@ -57,6 +89,7 @@ impl Default for RoundConfig {
             threshold: None,
             modulus_bits: 32,
             secagg_phase_timeout: Duration::from_secs(30),
+            privacy: None,
         }
     }
 }
@@ -107,8 +140,44 @@ pub enum CoordinatorEvent {
         /// Its reason.
         reason: String,
     },
-    /// `max_rounds` rounds have completed; no more will open.
+    /// A private round is about to open: record its cost durably before
+    /// sending anything, so privacy spent is never undercounted.
+    PrivacySpent {
+        /// The round.
+        round: RoundId,
+        /// Its mechanism.
+        step: Step,
+        /// ε of the lineage including this round.
+        epsilon: f64,
+    },
+    /// The next round would take ε above the target; training stops.
+    BudgetExhausted {
+        /// ε spent so far.
+        spent: f64,
+        /// ε after one more round.
+        next: f64,
+        /// The target.
+        target: f64,
+    },
+    /// `max_rounds` rounds have completed, or the budget is spent; no more will open.
     TrainingFinished,
+}
+
+/// The privacy of a completed round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacySummary {
+    /// ε of the lineage after this round, at `delta`.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The noise multiplier on the sum (z).
+    pub noise_multiplier: f64,
+    /// Probability a customer was sampled.
+    pub sampling_rate: f64,
+    /// L2 bound of one unit's contribution.
+    pub clip_norm: f32,
+    /// The noisy number of units (customers, or sites) in the sum.
+    pub units: f64,
 }
 
 /// The record of a completed round.
@@ -136,6 +205,8 @@ pub struct RoundSummary {
     pub secure_aggregation: bool,
     /// Seconds spent in each secure aggregation phase, in order.
     pub phase_seconds: Vec<(&'static str, f64)>,
+    /// Differential privacy of the round, when on.
+    pub privacy: Option<PrivacySummary>,
 }
 
 /// A site broke the protocol; the driver closes its connection.
@@ -191,6 +262,8 @@ struct Training {
     deadline: Instant,
     bytes: u64,
     secagg: Option<Box<SecureRound>>,
+    /// The round's privacy, its ε after it, and the noisy unit count once unmasked.
+    privacy: Option<(RoundPrivacy, f64, f64)>,
 }
 
 /// The secure aggregation server of a round, and its phase timing.
@@ -225,6 +298,7 @@ pub struct Coordinator {
     retry_at: Option<Instant>,
     gather_until: Option<Instant>,
     certs: std::collections::BTreeMap<SiteId, Vec<u8>>,
+    spent: Accountant,
     transmits: VecDeque<Transmit>,
     events: VecDeque<CoordinatorEvent>,
 }
@@ -245,12 +319,27 @@ impl Coordinator {
             retry_at: None,
             gather_until: None,
             certs: std::collections::BTreeMap::new(),
+            spent: Accountant::default(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
 
+    /// Rounds of this lineage already run (from the durable privacy ledger).
+    pub fn with_spent(mut self, steps: &[Step]) -> Self {
+        for step in steps {
+            self.spent.compose(step, 1);
+        }
+        self
+    }
+
     // ---- getters ----
+
+    /// ε spent so far by this lineage, if privacy is on.
+    pub fn epsilon_spent(&self) -> Option<f64> {
+        let policy = self.config.privacy.as_ref()?;
+        Some(self.spent.epsilon(policy.delta).epsilon)
+    }
 
     /// The current global model.
     pub fn model(&self) -> &Arc<GlobalModel> {
@@ -538,10 +627,18 @@ impl Coordinator {
         }
         match secure.server.poll_outcome() {
             Some(Outcome::Completed { sum, contributors }) => {
-                let (delta, loss) = split_aggregate(sum);
-                t.sum = delta;
                 t.received = contributors.len();
-                t.loss_sum = loss;
+                if let Some((privacy, _, units)) = &mut t.privacy {
+                    // The average is over the noisy number of customers; no loss is revealed.
+                    let (mean, count) = privacy.mean_update(sum);
+                    t.sum = mean;
+                    *units = count;
+                    t.loss_sum = f64::NAN;
+                } else {
+                    let (delta, loss) = split_aggregate(sum);
+                    t.sum = delta;
+                    t.loss_sum = loss;
+                }
                 t.dropped = t.cohort - contributors.len();
                 self.close_training(now);
             }
@@ -560,25 +657,80 @@ impl Coordinator {
         }
     }
 
-    /// The secure aggregation setup for a cohort, checked.
-    fn secagg_setup(&self, cohort: &BTreeSet<SiteId>) -> Result<Setup, String> {
+    /// The secure aggregation setup for a cohort, and its privacy, checked.
+    fn secagg_setup(
+        &self,
+        round: RoundId,
+        cohort: &BTreeSet<SiteId>,
+    ) -> Result<(Setup, Option<RoundPrivacy>), String> {
         let n = cohort.len();
-        let settings = &self.config.settings;
-        // Clipped coordinates are within the clip norm; noise adds at most a few standard deviations.
-        let bound = settings.clip_norm + 6.0 * settings.noise_std;
-        let encoding =
-            Encoding::new(self.config.modulus_bits, bound, n).map_err(|e| e.to_string())?;
+        let threshold = self
+            .config
+            .threshold
+            .unwrap_or_else(|| Setup::default_threshold(n));
+        // The model's parameters, then the loss (plain) or the unit count (private).
+        let length = self.model.params.len() + 1;
+        let (encoding, privacy) = match &self.config.privacy {
+            Some(p) => {
+                let lineage = &p.lineage;
+                let (privacy, encoding) = RoundPrivacy::plan(
+                    lineage,
+                    p.unit,
+                    p.effective_sampling_rate(),
+                    p.noise_multiplier,
+                    p.clip_norm,
+                    p.delta,
+                    length,
+                    n,
+                    threshold,
+                    self.config.modulus_bits,
+                )
+                .map_err(|e| format!("round {round}: {e}"))?;
+                (encoding, Some(privacy))
+            }
+            None => {
+                let settings = &self.config.settings;
+                // Clipped coordinates are within the clip norm; noise adds at most a few standard deviations.
+                let bound = settings.clip_norm + 6.0 * settings.noise_std;
+                let encoding =
+                    Encoding::new(self.config.modulus_bits, bound, n).map_err(|e| e.to_string())?;
+                (encoding, None)
+            }
+        };
         let setup = Setup {
             cohort: cohort.iter().cloned().collect(),
-            threshold: self
-                .config
-                .threshold
-                .unwrap_or_else(|| Setup::default_threshold(n)),
+            threshold,
             encoding,
-            length: self.model.params.len() + 1,
+            length,
         };
         setup.check().map_err(|e| e.to_string())?;
-        Ok(setup)
+        Ok((setup, privacy))
+    }
+
+    /// Charge a private round to the budget, or stop training if it does not fit.
+    /// Returns ε after the round, or `None` when the budget is spent.
+    fn charge(&mut self, round: RoundId, setup: &Setup, privacy: &RoundPrivacy) -> Option<f64> {
+        let policy = self.config.privacy.as_ref()?;
+        let step = privacy.step(setup.cohort.len(), setup.threshold, setup.length);
+        let spent = self.spent.epsilon(policy.delta).epsilon;
+        let next = self.spent.after(&step, 1).epsilon(policy.delta).epsilon;
+        if next > policy.target_epsilon {
+            self.events.push_back(CoordinatorEvent::BudgetExhausted {
+                spent,
+                next,
+                target: policy.target_epsilon,
+            });
+            self.phase = Phase::Finished;
+            self.events.push_back(CoordinatorEvent::TrainingFinished);
+            return None;
+        }
+        self.spent.compose(&step, 1);
+        self.events.push_back(CoordinatorEvent::PrivacySpent {
+            round,
+            step,
+            epsilon: next,
+        });
+        Some(next)
     }
 
     fn abandon(&mut self, round: RoundId, received: usize, reason: String, now: Instant) {
@@ -624,14 +776,15 @@ impl Coordinator {
             self.gather_until = None;
         }
         let round = self.next_round;
-        self.next_round = round.next();
         let cohort: BTreeSet<SiteId> = self.connected.clone();
+        let mut privacy = None;
         let (setup, server) = if self.config.secure_aggregation {
             let certs = cohort
                 .iter()
                 .map(|s| (s.clone(), self.certs.get(s).cloned().unwrap_or_default()))
                 .collect();
-            match self.secagg_setup(&cohort).and_then(|setup| {
+            match self.secagg_setup(round, &cohort).and_then(|(setup, p)| {
+                privacy = p;
                 Ok((
                     setup.clone(),
                     secagg::Server::new(round, setup, certs).map_err(|e| e.to_string())?,
@@ -639,6 +792,7 @@ impl Coordinator {
             }) {
                 Ok((setup, server)) => (Some(setup), Some(server)),
                 Err(reason) => {
+                    self.next_round = round.next();
                     self.abandon(
                         round,
                         0,
@@ -651,12 +805,21 @@ impl Coordinator {
         } else {
             (None, None)
         };
+        let privacy = match (privacy, &setup) {
+            (Some(p), Some(setup)) => match self.charge(round, setup, &p) {
+                Some(epsilon) => Some((p, epsilon)),
+                None => return,
+            },
+            _ => None,
+        };
+        self.next_round = round.next();
         let task = CoordinatorMessage::RoundOpen(RoundTask {
             round,
             model_version: self.model.version,
             spec_hash: self.spec_hash,
             settings: self.config.settings.clone(),
             secagg: setup,
+            privacy: privacy.as_ref().map(|(p, _)| p.clone()),
         });
         let task = Arc::new(task);
         for site in &cohort {
@@ -698,6 +861,7 @@ impl Coordinator {
             deadline: now + timeout,
             bytes: 0,
             secagg,
+            privacy: privacy.map(|(p, epsilon)| (p, epsilon, 0.0)),
         });
         self.drive_secagg(now);
     }
@@ -723,7 +887,13 @@ impl Coordinator {
             Some(secure) => (true, secure.phases),
             None => (false, Vec::new()),
         };
-        let step = f64::from(self.config.server_learning_rate) / t.received as f64;
+        // A private sum is already averaged over its (noisy) number of customers.
+        let divisor = if t.privacy.is_some() {
+            1.0
+        } else {
+            t.received as f64
+        };
+        let step = f64::from(self.config.server_learning_rate) / divisor;
         let params = self
             .model
             .params
@@ -753,6 +923,14 @@ impl Coordinator {
                 bytes_received: t.bytes,
                 secure_aggregation,
                 phase_seconds,
+                privacy: t.privacy.map(|(p, epsilon, units)| PrivacySummary {
+                    epsilon,
+                    delta: p.delta,
+                    noise_multiplier: p.noise_multiplier,
+                    sampling_rate: p.sampling_rate,
+                    clip_norm: p.clip_norm,
+                    units,
+                }),
             },
             opened: t.opened,
             pending: self.connected.clone(),

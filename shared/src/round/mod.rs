@@ -26,9 +26,10 @@ mod coordinator;
 mod site;
 
 pub use coordinator::{
-    Coordinator, CoordinatorEvent, RoundConfig, RoundSummary, Transmit, Violation,
+    Coordinator, CoordinatorEvent, PrivacyPolicy, PrivacySummary, RoundConfig, RoundSummary,
+    Transmit, Violation,
 };
-pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError};
+pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step};
 
 /// A site's training loss travels as one extra coordinate of the securely
 /// aggregated vector, divided by this, so that only its sum is revealed and it

@@ -5,7 +5,7 @@ use std::time::SystemTime;
 use rand::CryptoRng;
 
 use super::aggregate_vector;
-use crate::dp;
+use crate::dp::{self, Contribution, Step};
 use crate::ids::{ModelVersion, RoundId};
 use crate::model::GlobalModel;
 use crate::secagg::{self, PeerVerifier, SiteSigner};
@@ -24,7 +24,7 @@ pub enum SiteEvent {
     /// Train from `model` with `task.settings`, then call [`SiteSession::handle_trained`].
     TrainRequested {
         /// The round's task.
-        task: RoundTask,
+        task: Box<RoundTask>,
         /// The model to start from.
         model: Arc<GlobalModel>,
     },
@@ -192,6 +192,38 @@ impl SiteSession {
         }
     }
 
+    /// A private round's contribution, built by the driver from its sampled
+    /// units (see [`crate::dp::distributed`]): adds this site's share of the
+    /// noise and sends it as the masked input.
+    pub fn handle_contribution<R: CryptoRng + ?Sized>(
+        &mut self,
+        task: &RoundTask,
+        contribution: Contribution,
+        rng: &mut R,
+    ) {
+        if self.round != Some(task.round) {
+            return;
+        }
+        self.round = None;
+        let (Some(setup), Some(privacy)) = (&task.secagg, &task.privacy) else {
+            self.decline(task.round, "not a private secure round".into());
+            return;
+        };
+        let result = contribution
+            .finish(privacy, &setup.encoding, rng)
+            .map_err(|e| e.to_string())
+            .and_then(
+                |encoded| match self.secagg.as_mut().filter(|c| c.round() == task.round) {
+                    Some(client) => client.handle_input(encoded).map_err(|e| e.to_string()),
+                    None => Err("secure aggregation for this round was aborted".to_string()),
+                },
+            );
+        match result {
+            Ok(()) => self.flush_secagg(),
+            Err(reason) => self.decline(task.round, reason),
+        }
+    }
+
     /// Evaluation of `model_version` at this site produced `counts`.
     pub fn handle_evaluated(&mut self, model_version: ModelVersion, counts: EvalCounts) {
         self.transmits
@@ -286,12 +318,27 @@ impl SiteSession {
                 return;
             }
         };
+        if task.privacy.is_some() && task.secagg.is_none() {
+            let reason = "distributed noise needs secure aggregation, which this round lacks";
+            self.decline(task.round, reason.into());
+            return;
+        }
         if let Err(reason) = self.start_secagg(&task, rng) {
             self.decline(task.round, reason);
             return;
         }
         self.round = Some(task.round);
-        self.events
-            .push_back(SiteEvent::TrainRequested { task, model });
+        self.events.push_back(SiteEvent::TrainRequested {
+            task: Box::new(task),
+            model,
+        });
     }
+}
+
+/// What a private round costs this site, from the noise it adds, the bound it
+/// rounds to and the survivors its secure aggregation insists on; `None` for a
+/// round without privacy.
+pub fn privacy_step(task: &RoundTask) -> Option<Step> {
+    let (privacy, setup) = (task.privacy.as_ref()?, task.secagg.as_ref()?);
+    Some(privacy.step(setup.cohort.len(), setup.threshold, setup.length))
 }

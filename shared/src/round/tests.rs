@@ -15,6 +15,9 @@ use crate::model::tests::small_menu;
 use crate::model::{GlobalModel, ModelSpec};
 use crate::wire::{CoordinatorMessage, EvalCounts, MetricSums, PROTOCOL_VERSION, SiteMessage};
 
+/// Customers each site contributes in a private round.
+const CUSTOMERS_PER_SITE: usize = 10;
+
 /// What a simulated site does when asked to train.
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {
@@ -151,7 +154,19 @@ impl Harness {
                             if *behaviour == Behaviour::Honest =>
                         {
                             let delta = delta_of(&id, model.params.len());
-                            session.handle_trained(&task, delta, 1.0, &mut self.rng);
+                            match &task.privacy {
+                                // Ten customers, each with a small share of the site's delta.
+                                Some(privacy) => {
+                                    let mut contribution =
+                                        crate::dp::Contribution::new(model.params.len());
+                                    for _ in 0..CUSTOMERS_PER_SITE {
+                                        let share = delta.iter().map(|v| v * 1e-3).collect();
+                                        contribution.add(privacy, share, &mut self.rng);
+                                    }
+                                    session.handle_contribution(&task, contribution, &mut self.rng);
+                                }
+                                None => session.handle_trained(&task, delta, 1.0, &mut self.rng),
+                            }
                         }
                         _ => {}
                     }
@@ -376,6 +391,7 @@ fn sites_decline_rounds_for_a_model_they_do_not_hold() {
         spec_hash: spec.hash(),
         settings: RoundConfig::default().settings,
         secagg: None,
+        privacy: None,
     };
     s.handle_message(
         CoordinatorMessage::RoundOpen(task),
@@ -440,6 +456,7 @@ fn the_site_clips_and_noises_its_update() {
         spec_hash: spec.hash(),
         settings,
         secagg: None,
+        privacy: None,
     };
     s.handle_message(
         CoordinatorMessage::RoundOpen(task.clone()),
@@ -560,4 +577,106 @@ fn a_secure_round_that_loses_too_many_sites_is_abandoned() {
     h.disconnect(&site(0)); // threshold 3 of 3: one loss is one too many
     assert_eq!(h.abandoned(), 1);
     assert_eq!(h.coordinator.model().version, ModelVersion(0));
+}
+
+fn private_config(target_epsilon: f64) -> RoundConfig {
+    RoundConfig {
+        min_sites: 3,
+        cohort_wait: Duration::ZERO,
+        privacy: Some(crate::round::PrivacyPolicy {
+            lineage: "test".into(),
+            unit: crate::dp::PrivacyUnit::Customer,
+            sampling_rate: 0.5,
+            noise_multiplier: 2.0,
+            clip_norm: 1.0,
+            target_epsilon,
+            delta: 1e-6,
+        }),
+        ..RoundConfig::default()
+    }
+}
+
+fn exhausted(h: &Harness) -> Vec<(f64, f64)> {
+    h.events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::BudgetExhausted { spent, next, .. } => Some((*spent, *next)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Rounds of q = 0.5, z = 2 that fit in a target, by the accountant alone.
+fn rounds_within(target: f64, already: u64) -> u64 {
+    let step = crate::dp::Step::gaussian(0.5, 2.0);
+    (1..1000)
+        .take_while(|&k| crate::dp::accountant::epsilon(&step, already + k, 1e-6).epsilon <= target)
+        .count() as u64
+}
+
+#[test]
+fn training_stops_before_the_round_that_would_exceed_the_budget() {
+    let target = 3.0;
+    let mut h = Harness::new(4, private_config(target));
+    for _ in 0..100 {
+        h.advance(Duration::from_secs(1));
+        if h.coordinator.is_finished() {
+            break;
+        }
+    }
+    assert!(h.coordinator.is_finished(), "training ends on its own");
+    let completed = h.completed();
+    assert_eq!(completed.len() as u64, rounds_within(target, 0));
+    let epsilons: Vec<f64> = completed
+        .iter()
+        .map(|s| s.privacy.as_ref().unwrap().epsilon)
+        .collect();
+    assert!(epsilons.windows(2).all(|w| w[0] < w[1]), "{epsilons:?}");
+    assert!(*epsilons.last().unwrap() <= target);
+    let stops = exhausted(&h);
+    assert_eq!(stops.len(), 1);
+    assert!(stops[0].0 <= target && stops[0].1 > target, "{stops:?}");
+}
+
+#[test]
+fn a_restarted_coordinator_continues_the_ledger_it_recorded() {
+    let target = 3.0;
+    let mut first = Harness::new(4, private_config(target));
+    for _ in 0..3 {
+        first.advance(Duration::from_secs(1));
+    }
+    let steps: Vec<crate::dp::Step> = first
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::PrivacySpent { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect();
+    assert!(!steps.is_empty());
+    let mut second = Harness::new(0, private_config(target));
+    second.coordinator = Coordinator::new(
+        private_config(target),
+        second.coordinator.model().as_ref().clone(),
+        RoundId(100),
+    )
+    .with_spent(&steps);
+    for i in 0..4 {
+        second.connect(site(i), Behaviour::Honest);
+    }
+    for _ in 0..100 {
+        second.advance(Duration::from_secs(1));
+        if second.coordinator.is_finished() {
+            break;
+        }
+    }
+    let total = steps.len() as u64 + second.completed().len() as u64;
+    assert!(
+        total <= rounds_within(target, 0) + 1,
+        "the budget is not reset by a restart"
+    );
+    assert_eq!(
+        second.completed().len() as u64,
+        rounds_within(target, steps.len() as u64)
+    );
 }

@@ -27,6 +27,9 @@ pub struct Encoding {
     pub scale: f64,
     /// Coordinates are clamped to `[-bound, bound]` before encoding.
     pub bound: f32,
+    /// Room kept below the modulus for the sum of the sites' noise, in integer units.
+    #[serde(default)]
+    pub noise_margin: f64,
 }
 
 /// Why no encoding fits.
@@ -67,13 +70,49 @@ impl Encoding {
         if scale * f64::from(bound) < f64::from(1u32 << MIN_RESOLUTION_BITS) {
             return Err(EncodingError::TooSmall { bits, sites });
         }
-        Ok(Self { bits, scale, bound })
+        Ok(Self {
+            bits,
+            scale,
+            bound,
+            noise_margin: 0.0,
+        })
+    }
+
+    /// An encoding at a given `scale` that leaves `noise_margin` free for
+    /// noise: the clamp bound is the largest that fits `sites` contributions.
+    pub fn with_scale(
+        bits: u32,
+        scale: f64,
+        sites: usize,
+        noise_margin: f64,
+    ) -> Result<Self, EncodingError> {
+        if !(16..=32).contains(&bits) {
+            return Err(EncodingError::Bits(bits));
+        }
+        let half = 2f64.powi(bits as i32 - 1);
+        let per_site = ((half - 1.0 - noise_margin) / sites.max(1) as f64 - 1.0).floor();
+        if !(scale.is_finite() && scale > 0.0) || per_site < 1.0 {
+            return Err(EncodingError::TooSmall { bits, sites });
+        }
+        // The bound is an f32: round it down so that bound · scale stays within per_site.
+        let mut bound = (per_site / scale) as f32;
+        while f64::from(bound) * scale > per_site {
+            bound = bound.next_down();
+        }
+        let encoding = Self {
+            bits,
+            scale,
+            bound,
+            noise_margin,
+        };
+        encoding.check(sites)?;
+        Ok(encoding)
     }
 
     /// Check that summing `sites` encodings cannot overflow.
     pub fn check(&self, sites: usize) -> Result<(), EncodingError> {
         let half = 2f64.powi(self.bits as i32 - 1);
-        let worst = sites as f64 * (f64::from(self.bound) * self.scale + 1.0);
+        let worst = sites as f64 * (f64::from(self.bound) * self.scale + 1.0) + self.noise_margin;
         if (16..=32).contains(&self.bits) && worst < half {
             Ok(())
         } else {
@@ -97,6 +136,12 @@ impl Encoding {
                 (k as u32) & mask // two's complement wrap, then modulo 2^bits
             })
             .collect()
+    }
+
+    /// Wrap integers (already scaled, clamped and noised) modulo `2^bits`.
+    pub fn wrap(&self, values: &[i64]) -> Vec<u32> {
+        let mask = modulus_mask(self.bits);
+        values.iter().map(|&v| (v as u32) & mask).collect()
     }
 
     /// Decode a sum of encodings.
@@ -137,6 +182,22 @@ mod tests {
             Err(EncodingError::TooSmall { .. })
         ));
         assert!(Encoding::new(8, 2.0, 3).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn a_scale_with_room_left_gives_an_encoding_that_passes_its_check(
+            scale in 0.5f64..1e5,
+            sites in 3usize..600,
+            margin_frac in 0.0f64..0.9,
+        ) {
+            let margin = margin_frac * 2f64.powi(31);
+            let encoding = Encoding::with_scale(32, scale, sites, margin);
+            prop_assert!(encoding.is_ok(), "{encoding:?}");
+            let encoding = encoding.unwrap();
+            prop_assert!(encoding.check(sites).is_ok());
+            prop_assert!(encoding.check(sites + 1).is_err());
+        }
     }
 
     #[test]

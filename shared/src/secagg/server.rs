@@ -1,6 +1,6 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::crypto::{self, ScalarPart};
+use super::crypto;
 use super::{ClientMessage, RosterEntry, ServerMessage, Setup, SetupError};
 use crate::ids::{RoundId, SiteId};
 
@@ -63,7 +63,8 @@ impl Phase {
     }
 }
 
-type UnmaskReply = (Vec<(SiteId, [u8; 32])>, Vec<(SiteId, [u8; 32])>);
+/// One holder's unmask shares, by owner: of `b_v` for survivors, of `s_v` for dropped sites.
+type UnmaskReply = BTreeMap<SiteId, [u8; 32]>;
 
 /// The coordinator's side of secure aggregation for one round.
 ///
@@ -201,10 +202,15 @@ impl Server {
                     .collect();
                 let named_self: BTreeSet<&SiteId> = self_mask.iter().map(|(s, _)| s).collect();
                 let named_key: BTreeSet<&SiteId> = mask_key.iter().map(|(s, _)| s).collect();
-                if named_self != survivors || named_key != dropped {
+                if named_self != survivors
+                    || named_key != dropped
+                    || self_mask.len() != survivors.len()
+                    || mask_key.len() != dropped.len()
+                {
                     return Err(ServerViolation::UnmaskShares);
                 }
-                self.replies.insert(from.clone(), (self_mask, mask_key));
+                let reply = self_mask.into_iter().chain(mask_key).collect();
+                self.replies.insert(from.clone(), reply);
             }
             (_, message) => {
                 let kind = match message {
@@ -288,18 +294,23 @@ impl Server {
 
     fn start_masked_input(&mut self) -> Result<(), String> {
         self.enough(self.shares.len(), "shared keys")?;
-        for recipient in self.shares.keys() {
-            let addressed: Vec<(SiteId, Vec<u8>)> = self
-                .shares
-                .iter()
-                .filter(|(sender, _)| *sender != recipient)
-                .filter_map(|(sender, sealed)| {
-                    let (_, ciphertext) = sealed.iter().find(|(to, _)| to == recipient)?;
-                    Some((sender.clone(), ciphertext.clone()))
-                })
-                .collect();
+        // Relay each ciphertext to its recipient, keeping none: from here on
+        // only who shared matters.
+        let mut inbox: BTreeMap<SiteId, Vec<(SiteId, Vec<u8>)>> = self
+            .shares
+            .keys()
+            .map(|site| (site.clone(), Vec::new()))
+            .collect();
+        for (sender, sealed) in &mut self.shares {
+            for (recipient, ciphertext) in sealed.drain(..) {
+                if let Some(addressed) = inbox.get_mut(&recipient) {
+                    addressed.push((sender.clone(), ciphertext));
+                }
+            }
+        }
+        for (recipient, addressed) in inbox {
             self.outbox
-                .push_back((recipient.clone(), ServerMessage::Shares(addressed)));
+                .push_back((recipient, ServerMessage::Shares(addressed)));
         }
         self.pending = self.shares.keys().cloned().collect();
         self.phase = Phase::MaskedInput;
@@ -344,26 +355,25 @@ impl Server {
         self.enough(self.replies.len(), "sent unmask shares")?;
         let bits = self.setup.encoding.bits;
         let survivors: BTreeSet<SiteId> = self.survivors.iter().cloned().collect();
+        // Any t holders rebuild every secret; every reply names every owner.
+        let holders: Vec<(&SiteId, &UnmaskReply)> =
+            self.replies.iter().take(self.setup.threshold).collect();
+        let indices: Vec<u32> = holders
+            .iter()
+            .map(|(holder, _)| self.setup.index_of(holder))
+            .collect::<Option<_>>()
+            .ok_or("an unmask reply from outside the cohort")?;
+        let rebuild = crypto::Reconstruction::new(&indices).ok_or("repeated holder index")?;
         for owner in self.shares.keys() {
-            let parts: Vec<ScalarPart> = self
-                .replies
+            let survived = survivors.contains(owner);
+            let values: Vec<[u8; 32]> = holders
                 .iter()
-                .filter_map(|(holder, (self_mask, mask_key))| {
-                    let list = if survivors.contains(owner) {
-                        self_mask
-                    } else {
-                        mask_key
-                    };
-                    let (_, value) = list.iter().find(|(s, _)| s == owner)?;
-                    Some(ScalarPart {
-                        index: self.setup.index_of(holder)?,
-                        value: *value,
-                    })
-                })
+                .filter_map(|(_, reply)| reply.get(owner).copied())
                 .collect();
-            let secret = crypto::combine(&parts)
+            let secret = rebuild
+                .combine(&values)
                 .ok_or_else(|| format!("could not rebuild the secret of {owner}"))?;
-            if survivors.contains(owner) {
+            if survived {
                 crypto::apply_mask(
                     &mut self.sum,
                     &crypto::self_seed(&secret, self.round),

@@ -85,6 +85,8 @@ pub struct RoundTask {
     pub settings: TrainSettings,
     /// Secure aggregation for this round; `None` only when it is dangerously disabled.
     pub secagg: Option<crate::secagg::Setup>,
+    /// Distributed differential privacy for this round; `None` when it is off.
+    pub privacy: Option<crate::dp::RoundPrivacy>,
 }
 
 /// Local training settings and the privacy bounds applied to the update.

@@ -1,0 +1,120 @@
+//! The privacy budget over QUIC: the coordinator stops at its target, and each
+//! site's own ledger holds even against a coordinator that starts afresh.
+
+// Test helpers panic on setup failures, which is what a test should do.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use potluck_agent::store::SiteStore;
+use potluck_shared::dp::{Step, accountant};
+use potluck_tests::{Franchise, RunningAgents, RunningCoordinator, init_logging};
+
+const LIMIT: Duration = Duration::from_secs(240);
+const Q: f64 = 0.2;
+const Z: f64 = 1.0;
+const DELTA: f64 = 1e-6;
+
+fn privacy(target: f64) -> String {
+    format!(
+        "[privacy]\ntarget_epsilon = {target}\nnoise_multiplier = {Z}\nsampling_rate = {Q}\ndelta = {DELTA}\n"
+    )
+}
+
+fn epsilon_after(rounds: u64) -> f64 {
+    accountant::epsilon(&Step::gaussian(Q, Z), rounds, DELTA).epsilon
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_stops_before_the_round_that_would_exceed_the_target() -> anyhow::Result<()> {
+    init_logging();
+    let target = epsilon_after(3) + 0.01;
+    let f = Franchise::with_config(3, 30, 20, &privacy(target))?;
+    let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
+    let configs = (0..3)
+        .map(|i| f.agent_config(i, coordinator.addr))
+        .collect::<Result<_, _>>()?;
+    let agents = RunningAgents::start(configs)?;
+    let summary = coordinator.finish(LIMIT).await?;
+    agents.stop().await?;
+    assert_eq!(
+        summary.rounds_completed, 3,
+        "three rounds fit in the target, not four"
+    );
+    let metrics = f.metrics()?;
+    let last = metrics.last().unwrap()["epsilon"].as_f64().unwrap();
+    assert!(
+        last <= target && (last - epsilon_after(3)).abs() < 0.01 * last,
+        "ε {last}"
+    );
+    // The coordinator's ledger holds every round, written before the round was sent.
+    let ledger = std::fs::read_to_string(f.state_dir().join("privacy.jsonl"))?;
+    assert_eq!(ledger.lines().count(), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyhow::Result<()> {
+    init_logging();
+    // The coordinator would allow far more than the sites do.
+    let mut f = Franchise::with_config(3, 30, 2, &privacy(50.0))?;
+    let site_max = (epsilon_after(2) + epsilon_after(3)) / 2.0;
+    let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
+    let agents = RunningAgents::start(limited(&f, coordinator.addr, site_max)?)?;
+    let summary = coordinator.finish(LIMIT).await?;
+    agents.stop().await?;
+    assert_eq!(summary.rounds_completed, 2);
+
+    // A new coordinator for the same lineage, with no memory of those rounds.
+    f.coordinator.state_dir = f.dir.path().join("fresh-state");
+    f.coordinator.rounds.max_rounds = Some(1);
+    let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
+    let agents = RunningAgents::start(limited(&f, coordinator.addr, site_max)?)?;
+    // Wait for the fresh coordinator to open a round, then for the sites' answers.
+    let ledger = f.state_dir().join("privacy.jsonl");
+    while !ledger.exists() {
+        assert!(
+            !coordinator.task.is_finished(),
+            "the coordinator stopped early"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let declined = coordinator.stop().await?.declined;
+    agents.stop().await?;
+    assert!(
+        f.metrics()?.is_empty(),
+        "no round completed with the fresh coordinator"
+    );
+    assert!(declined.len() >= 3, "every site declined: {declined:?}");
+    for (site, _, reason) in &declined {
+        assert!(
+            reason.contains("privacy budget") && reason.contains("default"),
+            "{site} says why: {reason}"
+        );
+    }
+    for i in 0..3 {
+        let store = SiteStore::open(&f.store_path(i)?)?;
+        assert_eq!(
+            store.ledger("default")?.entries.len(),
+            2,
+            "the refused round is not recorded"
+        );
+    }
+    Ok(())
+}
+
+/// Agent configs whose own privacy limit is `max_epsilon`.
+fn limited(
+    f: &Franchise,
+    addr: std::net::SocketAddr,
+    max_epsilon: f64,
+) -> anyhow::Result<Vec<potluck_agent::config::AgentConfig>> {
+    (0..3)
+        .map(|i| {
+            let mut config = f.agent_config(i, addr)?;
+            config.privacy.max_epsilon = max_epsilon;
+            Ok(config)
+        })
+        .collect()
+}
