@@ -517,4 +517,41 @@ mod tests {
         let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("min_sits"), "{err}");
     }
+
+    #[test]
+    fn privacy_settings_are_checked_and_the_noise_calibrated() {
+        let base = CoordinatorConfig::starter("pki", "127.0.0.1:7443".parse().unwrap());
+        let (_d, path) = write(&base);
+        let config = CoordinatorConfig::load(&path).unwrap();
+        let policy = config.round_config().privacy.expect("on by default");
+        let spent = accountant::epsilon(
+            &potluck_shared::dp::Step::gaussian(0.2, policy.noise_multiplier),
+            20,
+            1e-6,
+        );
+        assert!(spent.epsilon <= 4.0 && spent.epsilon > 3.9, "{spent:?}");
+        for (from, to, field) in [
+            (
+                "sampling_rate = 0.2",
+                "sampling_rate = 1.5",
+                "privacy.sampling_rate",
+            ),
+            ("delta = 1e-6", "delta = 0", "privacy.delta"),
+            (
+                "target_epsilon = 4.0",
+                "target_epsilon = -1",
+                "privacy.target_epsilon",
+            ),
+            (
+                "dangerous_disable_secure_aggregation = false",
+                "dangerous_disable_secure_aggregation = true",
+                "privacy.enabled needs secure aggregation",
+            ),
+            ("planned_rounds = 20", "", "planned_rounds"),
+        ] {
+            let (_d, path) = write(&base.replace(from, to));
+            let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(field), "{to:?}: {err}");
+        }
+    }
 }

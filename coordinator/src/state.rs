@@ -249,3 +249,42 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_privacy_ledger_survives_a_restart_and_keeps_lineages_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let step = Step::gaussian(0.2, 1.1);
+        state
+            .record_privacy("menu-v1", RoundId(1), &step, 0.5)
+            .unwrap();
+        state
+            .record_privacy("other", RoundId(2), &step, 0.5)
+            .unwrap();
+        state
+            .record_privacy("menu-v1", RoundId(3), &step, 0.7)
+            .unwrap();
+        let reopened = StateDir::open(dir.path()).unwrap();
+        assert_eq!(reopened.privacy_steps("menu-v1").unwrap(), vec![step, step]);
+        assert_eq!(reopened.privacy_steps("new").unwrap(), Vec::<Step>::new());
+    }
+
+    #[test]
+    fn a_corrupt_ledger_line_is_named_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        state
+            .record_privacy("l", RoundId(1), &Step::gaussian(0.2, 1.1), 0.5)
+            .unwrap();
+        let path = dir.path().join("privacy.jsonl");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"lineage\": \"l\", \"step\": tru\n");
+        std::fs::write(&path, text).unwrap();
+        let err = state.privacy_steps("l").unwrap_err().to_string();
+        assert!(err.contains("privacy.jsonl:2"), "{err}");
+    }
+}
