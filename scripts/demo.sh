@@ -18,6 +18,9 @@ Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--p
   --epsilon E  the privacy budget per customer for the whole run, at delta 1e-6
                (default 4): the noise is calibrated so that R rounds fit in it
   --no-privacy no differential privacy noise (for comparison only)
+  --local-epochs N  local passes over the data per round (per customer in private rounds; default 2)
+  --server-lr L  step the coordinator applies to the averaged update
+               (default 1 without privacy, and the coordinator's own default with it)
   --skip-local-only
                do not train the local-only comparison models (faster)
   --port P     the coordinator's UDP port on 127.0.0.1 (default 7443)
@@ -38,6 +41,8 @@ CUSTOMERS=100
 EPSILON=4
 PRIVACY=true
 LOCAL_ONLY=true
+SERVER_LR=
+EPOCHS=2
 PORT=7443
 PROFILE=debug
 CARGO_FLAGS=()
@@ -51,6 +56,8 @@ while [ $# -gt 0 ]; do
     --epsilon) EPSILON="$2"; shift 2 ;;
     --no-privacy) PRIVACY=false; shift ;;
     --skip-local-only) LOCAL_ONLY=false; shift ;;
+    --server-lr) SERVER_LR="$2"; shift 2 ;;
+    --local-epochs) EPOCHS="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --release) PROFILE=release; CARGO_FLAGS=(--release); shift ;;
     --dangerous-disable-secure-aggregation) INSECURE=true; PRIVACY=false; shift ;;
@@ -102,6 +109,10 @@ max_rounds = $ROUNDS
 train_timeout_secs = 120
 eval_timeout_secs = 60
 retry_delay_secs = 2
+${SERVER_LR:+server_learning_rate = $SERVER_LR}
+
+[training]
+epochs = $EPOCHS
 
 [secagg]
 dangerous_disable_secure_aggregation = $INSECURE

@@ -8,7 +8,7 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 Usage: scripts/privacy-utility.sh [--out DIR] [--sites N] [--customers C] [--rounds R]
-                                  [--epsilons "1 2 4 8"] [--release]
+                                  [--epsilons "1 2 4 8"] [--server-lr L] [--release]
 
 Prints a Markdown table: one row per round, one column per budget (epsilon at
 delta 1e-6 per customer, spent over the whole run) and one without noise.
@@ -30,6 +30,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --epsilons) EPSILONS="$2"; shift 2 ;;
     --release) EXTRA+=(--release); shift ;;
+    --server-lr) EXTRA+=(--server-lr "$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "privacy-utility.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac

@@ -23,6 +23,7 @@ use rand::RngExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::audit::AuditLog;
 use crate::config::{AgentConfig, PrivacyLimits};
 use crate::dataset::SiteData;
 use crate::evaluation::evaluate;
@@ -208,7 +209,8 @@ impl Agent {
             .map_err(|e| SessionError::Connect(e.to_string()))?;
         info!(site = %self.config.site_id, coordinator = %self.config.coordinator, "connected");
         let mut inbox = spawn_reader(recv, max_frame);
-        let (jobs, mut done) = spawn_worker(self.store.clone(), self.config.privacy.clone());
+        let audit = AuditLog::new(&self.config.state_dir);
+        let (jobs, mut done) = spawn_worker(self.store.clone(), self.config.privacy.clone(), audit);
         let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"), Some(self.secagg.clone()));
         let result = async {
             loop {
@@ -315,6 +317,7 @@ fn spawn_reader(
 fn spawn_worker(
     store: Arc<SiteStore>,
     limits: PrivacyLimits,
+    audit: AuditLog,
 ) -> (std::sync::mpsc::Sender<Job>, mpsc::UnboundedReceiver<Done>) {
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
@@ -323,7 +326,7 @@ fn spawn_worker(
             let done = match job {
                 Job::Model(model) => Done::Evaluated(model.version, on_model(&store, &model)),
                 Job::Train(task, model) => {
-                    let result = train_for_round(&store, &limits, &task, &model);
+                    let result = train_for_round(&store, &limits, &audit, &task, &model);
                     Done::Trained(task, result)
                 }
             };
@@ -339,6 +342,7 @@ fn spawn_worker(
 fn train_for_round(
     store: &SiteStore,
     limits: &PrivacyLimits,
+    audit: &AuditLog,
     task: &RoundTask,
     model: &GlobalModel,
 ) -> Result<Work, String> {
@@ -351,6 +355,12 @@ fn train_for_round(
                     .into(),
             );
         }
+        audit
+            .append(
+                "round_joined",
+                serde_json::json!({"round": task.round.0, "privacy": null}),
+            )
+            .map_err(|e| format!("cannot record the round in the audit log: {e}"))?;
         return train(model, &data.train, &task.settings, rand::rng().random())
             .map(Work::Plain)
             .map_err(|e| e.to_string());
@@ -365,15 +375,34 @@ fn train_for_round(
             limits.delta,
         )
         .map_err(|e| e.to_string())?;
+    let figures = |epsilon: f64| {
+        serde_json::json!({
+            "round": task.round.0,
+            "lineage": privacy.lineage,
+            "epsilon": epsilon,
+            "max_epsilon": limits.max_epsilon,
+            "delta": limits.delta,
+            "noise_multiplier": step.noise_multiplier,
+            "sampling_rate": step.sampling_rate,
+        })
+    };
     match spent {
-        Ok(epsilon) => info!(
+        Ok(epsilon) => {
+            audit
+                .append("round_joined", figures(epsilon))
+                .map_err(|e| format!("cannot record the round in the audit log: {e}"))?;
+            info!(
             round = %task.round,
             lineage = %privacy.lineage,
             epsilon = format!("{epsilon:.4}"),
             max_epsilon = limits.max_epsilon,
             "privacy ledger: round recorded"
-        ),
+            );
+        }
         Err(refusal) => {
+            if let Err(e) = audit.append("round_refused", figures(refusal.next)) {
+                warn!(error = %e, "could not record the refusal in the audit log");
+            }
             warn!(
                 round = %task.round,
                 lineage = %refusal.lineage,

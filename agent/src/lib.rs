@@ -7,6 +7,7 @@
 //! `potluck_shared::round::SiteSession`. Raw customer data never leaves the
 //! site: only clipped, noised updates and evaluation counts do.
 
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod dataset;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use potluck_agent::Agent;
+use potluck_agent::audit::AuditLog;
 use potluck_agent::config::AgentConfig;
 use potluck_agent::dataset::SiteData;
 use potluck_agent::evaluation::evaluate;
@@ -48,6 +49,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Grant or withdraw a customer's consent to the use of their orders for training.
+    ///
+    /// A withdrawal takes effect from the next round: the customer's orders are
+    /// no longer sampled, trained on or evaluated. Their orders stay in the
+    /// store.
+    #[command(group(clap::ArgGroup::new("change").required(true).args(["grant", "withdraw"])))]
+    Consent {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// The customer, as in the orders CSV.
+        #[arg(long)]
+        customer: String,
+        /// Record consent.
+        #[arg(long)]
+        grant: bool,
+        /// Record a withdrawal.
+        #[arg(long)]
+        withdraw: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The site's tamper-evident audit log (STATE_DIR/audit.jsonl).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Connect to the coordinator and take part in training rounds until stopped.
     Run {
         /// The agent's configuration file.
@@ -74,6 +101,20 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check every entry against the hash chain; name the first edited,
+    /// removed or reordered entry. Exits with status 1 if the log was tampered with.
+    Verify {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> Result<()> {
     potluck_shared::service::init_logging();
     match Cli::parse().command {
@@ -93,6 +134,14 @@ fn main() -> Result<()> {
             json,
         ),
         Command::Run { config } => run(&config),
+        Command::Consent {
+            config,
+            customer,
+            grant,
+            withdraw: _,
+            json,
+        } => consent(&config, &customer, grant, json),
+        Command::Audit(AuditCommand::Verify { config, json }) => audit_verify(&config, json),
         Command::LocalOnly {
             config,
             rounds,
@@ -128,6 +177,20 @@ fn import(config: &Path, file: &Path, options: ImportOptions, json: bool) -> Res
     let store = open_store(&config)?;
     let menu = menu(&config, &store)?;
     let report = import_file(&store, file, &menu, &options)?;
+    let c = &report.counts;
+    AuditLog::new(&config.state_dir).append(
+        "import",
+        serde_json::json!({
+            "file": report.file,
+            "rows": report.rows,
+            "added": c.added,
+            "unchanged": c.unchanged,
+            "updated": c.updated,
+            "new_customers": c.new_customers,
+            "rejected": report.rejected,
+            "dropped_columns": report.dropped_columns,
+        }),
+    )?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -147,6 +210,62 @@ fn import(config: &Path, file: &Path, options: ImportOptions, json: bool) -> Res
         }
     }
     Ok(())
+}
+
+fn consent(config: &Path, customer: &str, grant: bool, json: bool) -> Result<()> {
+    let config = load_config(config)?;
+    let store = open_store(&config)?;
+    if !store.set_consent(customer, grant)? {
+        bail!("customer {customer:?} is not in this site's store; nothing changed");
+    }
+    let audit = AuditLog::new(&config.state_dir);
+    let change = if grant { "granted" } else { "withdrawn" };
+    audit.append(
+        "consent",
+        serde_json::json!({"customer_ref": audit.customer_ref(customer)?, "consent": change}),
+    )?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"customer": customer, "consent": change})
+        );
+    } else if grant {
+        println!("consent granted: customer {customer} takes part in training from the next round");
+    } else {
+        println!(
+            "consent withdrawn: customer {customer} is left out of training and evaluation from the next round"
+        );
+    }
+    Ok(())
+}
+
+fn audit_verify(config: &Path, json: bool) -> Result<()> {
+    let config = load_config(config)?;
+    let audit = AuditLog::new(&config.state_dir);
+    let result = audit.verify();
+    if json {
+        let out = match &result {
+            Ok(entries) => serde_json::json!({"ok": true, "entries": entries}),
+            Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
+        };
+        println!("{out}");
+    }
+    match result {
+        Ok(entries) => {
+            if !json {
+                println!(
+                    "{}: {entries} entries, chain intact",
+                    audit.path().display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if json => {
+            tracing::error!("{e}");
+            std::process::exit(1)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn run(config: &Path) -> Result<()> {

@@ -201,6 +201,21 @@ impl SiteStore {
         Ok(counts)
     }
 
+    /// Record a customer's consent; `false` if the customer is not in the store.
+    /// Training reads consent afresh each round, so a change applies from the next one.
+    pub fn set_consent(&self, customer: &str, granted: bool) -> Result<bool, StoreError> {
+        let bytes =
+            codec::encode(&StoredCustomer { consent: granted }).map_err(|e| self.corrupt(e))?;
+        self.write(|txn| {
+            let mut customers = txn.open_table(CUSTOMERS)?;
+            if customers.get(customer)?.is_none() {
+                return Ok(false);
+            }
+            customers.insert(customer, bytes.as_slice())?;
+            Ok(true)
+        })
+    }
+
     /// Customers with consent, if `consenting_only`, or all, with their orders
     /// resolved against `menu` (items not on it are left out; empty orders too).
     pub fn histories(

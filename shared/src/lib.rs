@@ -15,6 +15,7 @@
 //! inputs and return messages and events; nothing here but [`transport`]
 //! performs I/O.
 
+pub mod audit;
 pub mod bundle;
 pub mod dp;
 mod ids;
