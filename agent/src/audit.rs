@@ -2,18 +2,15 @@
 //! its head in `audit.head`): imports, consent changes and rounds joined or
 //! refused, chained by hash ([`potluck_shared::audit`]).
 //!
-//! Entries never hold a customer identifier: a customer is named by a keyed
-//! reference (HKDF-SHA256 under the site secret), which the site can recompute
-//! for a given customer but nobody can reverse.
+//! Entries never hold a customer identifier: a customer is named by their
+//! pseudonym (a keyed hash, see [`crate::vault`]), which `subject export`
+//! shows for a given customer and nobody can reverse.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use hkdf::Hkdf;
 use potluck_shared::audit::{self, Head, Tamper};
-use rand::RngExt;
-use sha2::Sha256;
 
 /// Why the audit log could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -42,7 +39,6 @@ pub enum AuditError {
 pub struct AuditLog {
     log: PathBuf,
     head: PathBuf,
-    secret: PathBuf,
 }
 
 impl AuditLog {
@@ -51,7 +47,6 @@ impl AuditLog {
         Self {
             log: state_dir.join("audit.jsonl"),
             head: state_dir.join("audit.head"),
-            secret: state_dir.join("site.secret"),
         }
     }
 
@@ -109,37 +104,6 @@ impl AuditLog {
             path: self.log.display().to_string(),
             tamper,
         })
-    }
-
-    /// A customer's reference in the log: a keyed hash, not reversible.
-    pub fn customer_ref(&self, customer: &str) -> Result<String, AuditError> {
-        let secret = self.secret()?;
-        let kdf = Hkdf::<Sha256>::new(Some(&secret), customer.as_bytes());
-        let mut out = [0u8; 16];
-        kdf.expand(b"potluck-customer-ref-v1", &mut out)
-            .expect("16 bytes is a valid HKDF output length");
-        Ok(out.iter().map(|b| format!("{b:02x}")).collect())
-    }
-
-    /// The site secret (32 random bytes, hex), created with mode 0600 on first use.
-    fn secret(&self) -> Result<Vec<u8>, AuditError> {
-        match std::fs::read(&self.secret) {
-            Ok(bytes) if bytes.len() == 64 && bytes.iter().all(u8::is_ascii_hexdigit) => {
-                return Ok(bytes);
-            }
-            Ok(_) => {
-                return Err(io(&self.secret)(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "not a site secret (64 hex digits); restore it from a backup",
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&self.secret)(e)),
-        }
-        let secret: [u8; 32] = rand::rng().random();
-        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-        potluck_shared::tls::write_private(&self.secret, &hex).map_err(io(&self.secret))?;
-        Ok(hex.into_bytes())
     }
 }
 

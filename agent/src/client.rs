@@ -15,6 +15,7 @@ use potluck_shared::round::{
     SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step,
 };
 use potluck_shared::secagg::{PeerVerifier, SiteSigner};
+use potluck_shared::service::systemd;
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
 use potluck_shared::wire::{CoordinatorMessage, RoundTask};
@@ -176,6 +177,11 @@ impl Agent {
                 Err(e) => {
                     let delay = backoff.next_delay();
                     warn!(site = %self.config.site_id, error = %e, retry_in = ?delay, "connection to coordinator lost");
+                    systemd::status(&format!(
+                        "coordinator {} unreachable ({e}); retrying in {:.0} s",
+                        self.config.coordinator,
+                        delay.as_secs_f64()
+                    ));
                     tokio::select! {
                         biased;
                         () = &mut shutdown => break,
@@ -208,6 +214,10 @@ impl Agent {
             .await
             .map_err(|e| SessionError::Connect(e.to_string()))?;
         info!(site = %self.config.site_id, coordinator = %self.config.coordinator, "connected");
+        systemd::status(&format!(
+            "connected to coordinator {}",
+            self.config.coordinator
+        ));
         let mut inbox = spawn_reader(recv, max_frame);
         let audit = AuditLog::new(&self.config.state_dir);
         let (jobs, mut done) = spawn_worker(self.store.clone(), self.config.privacy.clone(), audit);

@@ -14,7 +14,9 @@ pub mod dataset;
 pub mod evaluation;
 pub mod import;
 pub mod store;
+pub mod subject;
 pub mod training;
+pub mod vault;
 
 pub use client::{Agent, AgentError};
 pub use config::AgentConfig;

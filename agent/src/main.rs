@@ -11,8 +11,10 @@ use potluck_agent::dataset::SiteData;
 use potluck_agent::evaluation::evaluate;
 use potluck_agent::import::{ImportOptions, import_file};
 use potluck_agent::store::SiteStore;
+use potluck_agent::subject::{Export, TRAINING_AND_ERASURE};
 use potluck_agent::training::train_params;
 use potluck_shared::model::{Menu, ModelSpec};
+use potluck_shared::service::systemd;
 use potluck_shared::wire::TrainSettings;
 
 /// The Potluck site agent: keeps this site's customer orders, trains the
@@ -72,6 +74,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Data-subject requests: export, rectify or erase what this site holds about a customer.
+    #[command(subcommand)]
+    Subject(SubjectCommand),
     /// The site's tamper-evident audit log (STATE_DIR/audit.jsonl).
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -95,6 +100,59 @@ enum Command {
         /// Seed of the initial model and of shuffling.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubjectCommand {
+    /// Everything held about a customer, with purposes, retention and what training did with it.
+    Export {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// The customer, as in the orders CSV.
+        #[arg(long)]
+        customer: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Correct one order line: set its quantity, or remove it.
+    #[command(group(clap::ArgGroup::new("change").required(true).args(["quantity", "remove"])))]
+    Rectify {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// The customer, as in the orders CSV.
+        #[arg(long)]
+        customer: String,
+        /// The order identifier.
+        #[arg(long)]
+        order: String,
+        /// The menu item of the line.
+        #[arg(long)]
+        item: String,
+        /// The correct quantity.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        quantity: Option<u32>,
+        /// Remove the line.
+        #[arg(long)]
+        remove: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete everything held about a customer and destroy their encryption key.
+    Erase {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// The customer, as in the orders CSV.
+        #[arg(long)]
+        customer: String,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -142,6 +200,7 @@ fn main() -> Result<()> {
             json,
         } => consent(&config, &customer, grant, json),
         Command::Audit(AuditCommand::Verify { config, json }) => audit_verify(&config, json),
+        Command::Subject(command) => subject(command),
         Command::LocalOnly {
             config,
             rounds,
@@ -222,7 +281,7 @@ fn consent(config: &Path, customer: &str, grant: bool, json: bool) -> Result<()>
     let change = if grant { "granted" } else { "withdrawn" };
     audit.append(
         "consent",
-        serde_json::json!({"customer_ref": audit.customer_ref(customer)?, "consent": change}),
+        serde_json::json!({"pseudonym": store.pseudonym(customer), "consent": change}),
     )?;
     if json {
         println!(
@@ -236,6 +295,116 @@ fn consent(config: &Path, customer: &str, grant: bool, json: bool) -> Result<()>
             "consent withdrawn: customer {customer} is left out of training and evaluation from the next round"
         );
     }
+    Ok(())
+}
+
+fn subject(command: SubjectCommand) -> Result<()> {
+    match command {
+        SubjectCommand::Export {
+            config,
+            customer,
+            json,
+        } => {
+            let config = load_config(&config)?;
+            let store = open_store(&config)?;
+            let data = store.export(&customer)?;
+            audit_request(&config, &store, "subject_export", &customer, data.is_some())?;
+            let Some(data) = data else {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"customer": customer, "found": false})
+                    );
+                } else {
+                    println!("this site holds nothing about customer {customer}");
+                }
+                return Ok(());
+            };
+            let export = Export::new(&data);
+            if json {
+                println!("{}", serde_json::to_string(&export)?);
+            } else {
+                print!("{}", export.describe());
+            }
+        }
+        SubjectCommand::Rectify {
+            config,
+            customer,
+            order,
+            item,
+            quantity,
+            remove: _,
+            json,
+        } => {
+            let config = load_config(&config)?;
+            let store = open_store(&config)?;
+            if !store.rectify(&customer, &order, &item, quantity)? {
+                bail!(
+                    "customer {customer:?} has no line for item {item:?} in order {order:?}; nothing changed"
+                );
+            }
+            audit_request(&config, &store, "subject_rectify", &customer, true)?;
+            let change = quantity.map_or("removed".to_string(), |q| format!("quantity {q}"));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"customer": customer, "order": order, "item": item, "change": change})
+                );
+            } else {
+                println!("order {order}, item {item} of customer {customer}: {change}");
+            }
+        }
+        SubjectCommand::Erase {
+            config,
+            customer,
+            json,
+        } => {
+            let config = load_config(&config)?;
+            let store = open_store(&config)?;
+            let erased = store.erase(&customer)?;
+            audit_request(
+                &config,
+                &store,
+                "subject_erase",
+                &customer,
+                erased.is_some(),
+            )?;
+            if json {
+                let out = serde_json::json!({
+                    "customer": customer,
+                    "found": erased.is_some(),
+                    "order_lines_deleted": erased.unwrap_or(0),
+                    "key_destroyed": erased.is_some(),
+                    "models_already_trained": TRAINING_AND_ERASURE,
+                });
+                println!("{out}");
+            } else {
+                match erased {
+                    Some(lines) => println!(
+                        "erased customer {customer}: {lines} order lines deleted, encryption key destroyed\n\n{TRAINING_AND_ERASURE}"
+                    ),
+                    None => println!(
+                        "this site holds nothing about customer {customer}; nothing to erase"
+                    ),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Record a data-subject request in the audit log (by pseudonym).
+fn audit_request(
+    config: &AgentConfig,
+    store: &SiteStore,
+    event: &str,
+    customer: &str,
+    found: bool,
+) -> Result<()> {
+    AuditLog::new(&config.state_dir).append(
+        event,
+        serde_json::json!({"pseudonym": store.pseudonym(customer), "found": found}),
+    )?;
     Ok(())
 }
 
@@ -272,11 +441,19 @@ fn run(config: &Path) -> Result<()> {
     let config = load_config(config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
+        let status = format!(
+            "site {}, coordinator {}",
+            config.site_id, config.coordinator
+        );
         let agent = Agent::new(config)?;
-        agent
-            .run(potluck_shared::service::shutdown_signal())
-            .await?;
-        Ok(())
+        systemd::ready(&status);
+        let watchdog = systemd::spawn_watchdog();
+        let result = agent.run(potluck_shared::service::shutdown_signal()).await;
+        systemd::stopping();
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
+        Ok(result?)
     })
 }
 

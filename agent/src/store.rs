@@ -1,12 +1,17 @@
-//! The site's embedded order store (redb: ACID, crash-safe, one file).
+//! The site's embedded order store (redb: ACID, crash-safe, one file),
+//! with every customer record encrypted (see [`crate::vault`]).
 //!
-//! Tables:
-//! - `orders`: (customer, order, item) → time and quantity. The key makes a
-//!   re-imported row overwrite itself, so importing a file twice adds nothing.
-//! - `customers`: customer → consent.
-//! - `meta`: the franchise menu and the latest global model, as sent by the coordinator.
+//! Tables (keys are keyed hashes, values are sealed under the customer's data key):
+//! - `orders`: (customer row, line ref) → {order, item, time, offset, quantity}.
+//!   The line ref is a keyed hash of (customer, order, item), so a re-imported
+//!   row overwrites itself and importing a file twice adds nothing.
+//! - `customers`: customer row → {customer identifier, consent}.
+//! - `meta`: the franchise menu, the latest global model and the privacy
+//!   ledgers (no customer data).
 //!
-//! Each import is one write transaction: it lands whole or not at all.
+//! Nothing in the file is a customer identifier, a pseudonym, an order
+//! identifier or an item in the clear. Each import is one write transaction;
+//! new customers' data keys are persisted before it commits.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,7 +24,9 @@ use potluck_shared::wire::codec;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-const ORDERS: TableDefinition<(&str, &str, &str), &[u8]> = TableDefinition::new("orders");
+use crate::vault::{Vault, VaultError};
+
+const ORDERS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("orders");
 const CUSTOMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("customers");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const MENU_KEY: &str = "menu";
@@ -37,7 +44,7 @@ pub enum StoreError {
         /// The cause.
         source: redb::Error,
     },
-    /// A stored record could not be decoded.
+    /// A stored record could not be decoded or opened.
     #[error("store {path}: corrupt record: {reason}")]
     Corrupt {
         /// The store file.
@@ -45,6 +52,9 @@ pub enum StoreError {
         /// The cause.
         reason: String,
     },
+    /// The keys are unusable.
+    #[error(transparent)]
+    Keys(#[from] VaultError),
 }
 
 /// One order line to store.
@@ -64,15 +74,18 @@ pub struct OrderLine {
     pub quantity: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct StoredLine {
+    order_id: String,
+    item_id: String,
     time: i64,
     utc_offset: i32,
     quantity: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct StoredCustomer {
+    customer_id: String,
     consent: bool,
 }
 
@@ -92,28 +105,64 @@ pub struct ImportCounts {
 /// A customer's orders, oldest first, with item IDs resolved against a menu.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CustomerHistory {
-    /// The customer.
-    pub customer_id: String,
+    /// The customer's pseudonym (training never sees the identifier).
+    pub pseudonym: String,
     /// Their orders.
     pub orders: Vec<OrderRecord>,
+}
+
+/// Everything the store holds about one customer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubjectData {
+    /// The identifier, as imported.
+    pub customer_id: String,
+    /// The pseudonym training uses.
+    pub pseudonym: String,
+    /// Consent to training.
+    pub consent: bool,
+    /// Order lines, oldest first.
+    pub lines: Vec<SubjectLine>,
+}
+
+/// One stored order line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubjectLine {
+    /// Order identifier.
+    pub order_id: String,
+    /// Menu item.
+    pub item_id: String,
+    /// Unix seconds.
+    pub time: i64,
+    /// Local UTC offset, seconds.
+    pub utc_offset: i32,
+    /// Quantity.
+    pub quantity: u32,
 }
 
 /// The site's store.
 #[derive(Debug)]
 pub struct SiteStore {
     db: Database,
+    vault: Vault,
     path: String,
 }
 
 impl SiteStore {
-    /// Open or create the store file.
+    /// Open or create the store file; its key ring is `PATH.keys` beside it and
+    /// the master key comes from systemd credentials or the same directory.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let name = path.display().to_string();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let vault = Vault::open(dir, &path.with_extension("keys"))?;
         let db = Database::create(path).map_err(|e| StoreError::Db {
             path: name.clone(),
             source: e.into(),
         })?;
-        let store = Self { db, path: name };
+        let store = Self {
+            db,
+            vault,
+            path: name,
+        };
         // Create the tables so that readers never meet a missing one.
         store.write(|txn| {
             txn.open_table(ORDERS)?;
@@ -148,6 +197,29 @@ impl SiteStore {
         Ok(out)
     }
 
+    fn seal<T: Serialize>(&self, row: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+        let plain = zeroize::Zeroizing::new(codec::encode(value).map_err(|e| self.corrupt(e))?);
+        self.vault
+            .seal(row, &plain)
+            .ok_or_else(|| self.corrupt("a customer without a data key"))
+    }
+
+    /// Open a record; `None` when the customer's key was destroyed.
+    fn open_record<T: serde::de::DeserializeOwned>(
+        &self,
+        row: &str,
+        sealed: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        if !self.vault.has_key(row) {
+            return Ok(None);
+        }
+        let plain = self
+            .vault
+            .open_record(row, sealed)
+            .ok_or_else(|| self.corrupt("a record does not open under its customer's key"))?;
+        codec::decode(&plain).map(Some).map_err(|e| self.corrupt(e))
+    }
+
     /// Store order lines and consent changes in one transaction.
     ///
     /// `consent` maps customers to the consent their rows stated; customers not
@@ -157,63 +229,229 @@ impl SiteStore {
         lines: &[OrderLine],
         consent: &BTreeMap<String, bool>,
     ) -> Result<ImportCounts, StoreError> {
-        let mut counts = ImportCounts::default();
-        let encoded: Vec<Vec<u8>> = lines
+        let rows: BTreeMap<&str, String> = lines
             .iter()
-            .map(|l| {
-                codec::encode(&StoredLine {
-                    time: l.time,
-                    utc_offset: l.utc_offset,
-                    quantity: l.quantity,
-                })
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| self.corrupt(e))?;
-        let customer_bytes = |consent: bool| codec::encode(&StoredCustomer { consent });
-        self.write(|txn| {
-            let mut orders = txn.open_table(ORDERS)?;
-            let mut customers = txn.open_table(CUSTOMERS)?;
-            for (line, value) in lines.iter().zip(&encoded) {
-                let key = (
-                    line.customer_id.as_str(),
-                    line.order_id.as_str(),
-                    line.item_id.as_str(),
-                );
-                match orders.insert(key, value.as_slice())? {
-                    None => counts.added += 1,
-                    Some(old) if old.value() == value.as_slice() => counts.unchanged += 1,
+            .map(|l| l.customer_id.as_str())
+            .chain(consent.keys().map(String::as_str))
+            .map(|c| (c, self.vault.row_ref(c)))
+            .collect();
+        // Data keys first: a crash after this leaves unused keys, never unreadable rows.
+        self.vault.ensure_keys(rows.values().map(String::as_str))?;
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let mut counts = ImportCounts::default();
+        {
+            let mut orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
+            let mut customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+            for line in lines {
+                let row = &rows[line.customer_id.as_str()];
+                let line_ref =
+                    self.vault
+                        .line_ref(&line.customer_id, &line.order_id, &line.item_id);
+                let stored = StoredLine {
+                    order_id: line.order_id.clone(),
+                    item_id: line.item_id.clone(),
+                    time: line.time,
+                    utc_offset: line.utc_offset,
+                    quantity: line.quantity,
+                };
+                let old: Option<StoredLine> = match orders
+                    .get((row.as_str(), line_ref.as_str()))
+                    .map_err(|e| self.db_err(e))?
+                {
+                    Some(bytes) => self.open_record(row, bytes.value())?,
+                    None => None,
+                };
+                match old {
+                    Some(old) if old == stored => {
+                        counts.unchanged += 1;
+                        continue;
+                    }
                     Some(_) => counts.updated += 1,
+                    None => counts.added += 1,
                 }
-                if customers.get(line.customer_id.as_str())?.is_none() {
+                let sealed = self.seal(row, &stored)?;
+                orders
+                    .insert((row.as_str(), line_ref.as_str()), sealed.as_slice())
+                    .map_err(|e| self.db_err(e))?;
+            }
+            for (customer, row) in &rows {
+                let previous: Option<StoredCustomer> =
+                    match customers.get(row.as_str()).map_err(|e| self.db_err(e))? {
+                        Some(bytes) => self.open_record(row, bytes.value())?,
+                        None => None,
+                    };
+                if previous.is_none() {
                     counts.new_customers += 1;
-                    let bytes =
-                        customer_bytes(false).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-                    customers.insert(line.customer_id.as_str(), bytes.as_slice())?;
                 }
+                let granted = consent
+                    .get(*customer)
+                    .copied()
+                    .or(previous.as_ref().map(|c| c.consent))
+                    .unwrap_or(false);
+                if previous.as_ref().is_some_and(|c| c.consent == granted) {
+                    continue;
+                }
+                let record = StoredCustomer {
+                    customer_id: (*customer).to_string(),
+                    consent: granted,
+                };
+                let sealed = self.seal(row, &record)?;
+                customers
+                    .insert(row.as_str(), sealed.as_slice())
+                    .map_err(|e| self.db_err(e))?;
             }
-            for (customer, &granted) in consent {
-                let bytes =
-                    customer_bytes(granted).map_err(|e| redb::Error::Corrupted(e.to_string()))?;
-                customers.insert(customer.as_str(), bytes.as_slice())?;
-            }
-            Ok(())
-        })?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
         Ok(counts)
     }
 
     /// Record a customer's consent; `false` if the customer is not in the store.
     /// Training reads consent afresh each round, so a change applies from the next one.
     pub fn set_consent(&self, customer: &str, granted: bool) -> Result<bool, StoreError> {
-        let bytes =
-            codec::encode(&StoredCustomer { consent: granted }).map_err(|e| self.corrupt(e))?;
-        self.write(|txn| {
-            let mut customers = txn.open_table(CUSTOMERS)?;
-            if customers.get(customer)?.is_none() {
+        let row = self.vault.row_ref(customer);
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            let mut customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+            let record: Option<StoredCustomer> =
+                match customers.get(row.as_str()).map_err(|e| self.db_err(e))? {
+                    Some(bytes) => self.open_record(&row, bytes.value())?,
+                    None => None,
+                };
+            let Some(mut record) = record else {
                 return Ok(false);
+            };
+            record.consent = granted;
+            let sealed = self.seal(&row, &record)?;
+            customers
+                .insert(row.as_str(), sealed.as_slice())
+                .map_err(|e| self.db_err(e))?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(true)
+    }
+
+    /// A customer's pseudonym (whether or not the store holds them).
+    pub fn pseudonym(&self, customer: &str) -> String {
+        self.vault.pseudonym(customer)
+    }
+
+    /// Everything held about a customer, or `None` if the store has nothing.
+    pub fn export(&self, customer: &str) -> Result<Option<SubjectData>, StoreError> {
+        let row = self.vault.row_ref(customer);
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+        let orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
+        let record: Option<StoredCustomer> =
+            match customers.get(row.as_str()).map_err(|e| self.db_err(e))? {
+                Some(bytes) => self.open_record(&row, bytes.value())?,
+                None => None,
+            };
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let mut lines: Vec<SubjectLine> = self
+            .lines_of(&orders, &row)?
+            .into_iter()
+            .map(|l| SubjectLine {
+                order_id: l.order_id,
+                item_id: l.item_id,
+                time: l.time,
+                utc_offset: l.utc_offset,
+                quantity: l.quantity,
+            })
+            .collect();
+        lines.sort_by(|a, b| {
+            (a.time, &a.order_id, &a.item_id).cmp(&(b.time, &b.order_id, &b.item_id))
+        });
+        Ok(Some(SubjectData {
+            customer_id: record.customer_id,
+            pseudonym: self.vault.pseudonym(customer),
+            consent: record.consent,
+            lines,
+        }))
+    }
+
+    /// Correct one order line: set its quantity, or remove it (`None`).
+    /// Returns `false` if the customer has no such line.
+    pub fn rectify(
+        &self,
+        customer: &str,
+        order: &str,
+        item: &str,
+        quantity: Option<u32>,
+    ) -> Result<bool, StoreError> {
+        let row = self.vault.row_ref(customer);
+        let line_ref = self.vault.line_ref(customer, order, item);
+        let key = (row.as_str(), line_ref.as_str());
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            let mut orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
+            let stored: Option<StoredLine> = match orders.get(key).map_err(|e| self.db_err(e))? {
+                Some(bytes) => self.open_record(&row, bytes.value())?,
+                None => None,
+            };
+            let Some(mut line) = stored else {
+                return Ok(false);
+            };
+            match quantity {
+                Some(q) => {
+                    line.quantity = q;
+                    let sealed = self.seal(&row, &line)?;
+                    orders
+                        .insert(key, sealed.as_slice())
+                        .map_err(|e| self.db_err(e))?;
+                }
+                None => {
+                    orders.remove(key).map_err(|e| self.db_err(e))?;
+                }
             }
-            customers.insert(customer, bytes.as_slice())?;
-            Ok(true)
-        })
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        Ok(true)
+    }
+
+    /// Delete a customer's rows and destroy their data key; returns the order
+    /// lines deleted, or `None` if the store held nothing of them.
+    pub fn erase(&self, customer: &str) -> Result<Option<u64>, StoreError> {
+        let row = self.vault.row_ref(customer);
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let (known, lines) = {
+            let mut customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+            let mut orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
+            let known = customers
+                .remove(row.as_str())
+                .map_err(|e| self.db_err(e))?
+                .is_some();
+            let removed = orders
+                .extract_from_if((row.as_str(), "")..=(row.as_str(), "\u{10ffff}"), |_, _| {
+                    true
+                })
+                .map_err(|e| self.db_err(e))?
+                .count() as u64;
+            (known, removed)
+        };
+        txn.commit().map_err(|e| self.db_err(e))?;
+        let had_key = self.vault.destroy_key(&row)?;
+        Ok((known || lines > 0 || had_key).then_some(lines))
+    }
+
+    /// A customer's stored lines (those whose key still exists).
+    fn lines_of(
+        &self,
+        orders: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+        row: &str,
+    ) -> Result<Vec<StoredLine>, StoreError> {
+        let mut out = Vec::new();
+        let range = orders
+            .range((row, "")..=(row, "\u{10ffff}"))
+            .map_err(|e| self.db_err(e))?;
+        for entry in range {
+            let (_, value) = entry.map_err(|e| self.db_err(e))?;
+            if let Some(line) = self.open_record::<StoredLine>(row, value.value())? {
+                out.push(line);
+            }
+        }
+        Ok(out)
     }
 
     /// Customers with consent, if `consenting_only`, or all, with their orders
@@ -229,44 +467,37 @@ impl SiteStore {
         let orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
         let mut out = Vec::new();
         for entry in customers.iter().map_err(|e| self.db_err(e))? {
-            let (id, value) = entry.map_err(|e| self.db_err(e))?;
-            let customer: StoredCustomer =
-                codec::decode(value.value()).map_err(|e| self.corrupt(e))?;
+            let (row, value) = entry.map_err(|e| self.db_err(e))?;
+            let row = row.value().to_string();
+            let Some(customer) = self.open_record::<StoredCustomer>(&row, value.value())? else {
+                continue; // erased: the key is gone
+            };
             if consenting_only && !customer.consent {
                 continue;
             }
-            let id = id.value().to_string();
-            let mut by_order: BTreeMap<String, (StoredLine, Vec<u32>)> = BTreeMap::new();
-            let range = orders
-                .range((id.as_str(), "", "")..)
-                .map_err(|e| self.db_err(e))?;
-            for line in range {
-                let (key, value) = line.map_err(|e| self.db_err(e))?;
-                let (customer_id, order_id, item_id) = key.value();
-                if customer_id != id {
-                    break;
-                }
-                let stored: StoredLine =
-                    codec::decode(value.value()).map_err(|e| self.corrupt(e))?;
-                let entry = by_order
-                    .entry(order_id.to_string())
-                    .or_insert_with(|| (stored, Vec::new()));
-                if let Some(&i) = index.get(item_id) {
-                    entry.1.push(i);
+            let mut by_order: BTreeMap<String, (i64, i32, Vec<u32>)> = BTreeMap::new();
+            for line in self.lines_of(&orders, &row)? {
+                let entry = by_order.entry(line.order_id).or_insert((
+                    line.time,
+                    line.utc_offset,
+                    Vec::new(),
+                ));
+                if let Some(&i) = index.get(line.item_id.as_str()) {
+                    entry.2.push(i);
                 }
             }
             let mut records: Vec<OrderRecord> = by_order
                 .into_values()
-                .filter(|(_, items)| !items.is_empty())
-                .map(|(line, mut items)| {
+                .filter(|(_, _, items)| !items.is_empty())
+                .map(|(time, offset, mut items)| {
                     items.sort_unstable();
                     items.dedup();
-                    order_record(line.time, line.utc_offset, items)
+                    order_record(time, offset, items)
                 })
                 .collect();
             records.sort_by_key(|r| r.time);
             out.push(CustomerHistory {
-                customer_id: id,
+                pseudonym: self.vault.pseudonym(&customer.customer_id),
                 orders: records,
             });
         }

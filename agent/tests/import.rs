@@ -74,7 +74,11 @@ fn a_valid_file_imports_and_reports_dropped_columns() {
     // Only consenting customers are used for training.
     let consenting = s.store.histories(&menu(), true).unwrap();
     assert_eq!(consenting.len(), 1);
-    assert_eq!(consenting[0].customer_id, "c1");
+    assert_eq!(
+        consenting[0].pseudonym,
+        s.store.pseudonym("c1"),
+        "by pseudonym"
+    );
     assert_eq!(consenting[0].orders[0].items, vec![0, 1]);
     assert_eq!(s.store.histories(&menu(), false).unwrap().len(), 2);
 }

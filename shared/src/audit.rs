@@ -299,13 +299,6 @@ mod tests {
         let mut forged: Vec<String> = lines.clone();
         let mut entry: Entry = serde_json::from_str(&other[2]).unwrap();
         entry.details = json!({"rows": 99});
-        entry.hash = entry_hash(
-            &entry.prev,
-            entry.seq,
-            &entry.time,
-            &entry.event,
-            &entry.details,
-        );
         entry.prev = "00".repeat(32);
         entry.hash = entry_hash(
             &entry.prev,

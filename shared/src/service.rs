@@ -32,3 +32,44 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// Telling the service manager how the service is doing (systemd's
+/// `sd_notify`: readiness, status line, watchdog, stopping). Every call is a
+/// no-op when the process was not started by systemd with `Type=notify`.
+pub mod systemd {
+    use sd_notify::NotifyState;
+
+    fn send(states: &[NotifyState]) {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!(error = %e, "could not notify the service manager");
+        }
+    }
+
+    /// Start-up is done (configuration, identity and store are loaded).
+    pub fn ready(status: &str) {
+        send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    /// A one-line status for `systemctl status`.
+    pub fn status(status: &str) {
+        send(&[NotifyState::Status(status)]);
+    }
+
+    /// The service is shutting down.
+    pub fn stopping() {
+        send(&[NotifyState::Stopping]);
+    }
+
+    /// If systemd asked for a watchdog, ping it at half its interval from the
+    /// async runtime, so a stalled runtime gets the service restarted.
+    pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+        let interval = sd_notify::watchdog_enabled()? / 2;
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tick.tick().await;
+                send(&[NotifyState::Watchdog]);
+            }
+        }))
+    }
+}

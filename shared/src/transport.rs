@@ -104,3 +104,26 @@ pub async fn write_message<T: Serialize>(
         .map_err(|e| TransportError::Stream(e.to_string()))?;
     Ok(bytes.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_bad_input_closes_with_the_code_that_names_it() {
+        let oversized = TransportError::Frame(FrameError::Oversized { len: 9, max: 8 });
+        assert_eq!(oversized.close_code(), CloseCode::FrameTooLarge);
+        assert_eq!(
+            TransportError::Frame(FrameError::Empty).close_code(),
+            CloseCode::Malformed
+        );
+        let garbage = TransportError::Codec(CodecError::Decode("bad".into()));
+        assert_eq!(garbage.close_code(), CloseCode::Malformed);
+        assert_eq!(TransportError::Truncated.close_code(), CloseCode::Malformed);
+        assert_eq!(
+            TransportError::Stream("gone".into()).close_code(),
+            CloseCode::Normal
+        );
+        assert_eq!(CloseCode::FrameTooLarge as u64, 2);
+    }
+}

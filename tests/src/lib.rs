@@ -101,6 +101,19 @@ impl Franchise {
         })
     }
 
+    /// Run the coordinator and every site's agent until the coordinator
+    /// finishes its rounds (at most `limit`), then stop the agents.
+    pub async fn run_all(&self, limit: Duration) -> anyhow::Result<RunSummary> {
+        let coordinator = RunningCoordinator::start(self.coordinator.clone())?;
+        let configs = (0..self.sites.len())
+            .map(|i| self.agent_config(i, coordinator.addr))
+            .collect::<Result<_, _>>()?;
+        let agents = RunningAgents::start(configs)?;
+        let summary = coordinator.finish(limit).await?;
+        agents.stop().await?;
+        Ok(summary)
+    }
+
     /// The state directory of the coordinator.
     pub fn state_dir(&self) -> &Path {
         &self.coordinator.state_dir

@@ -30,13 +30,7 @@ async fn training_stops_before_the_round_that_would_exceed_the_target() -> anyho
     init_logging();
     let target = epsilon_after(3) + 0.01;
     let f = Franchise::with_config(3, 30, 20, &privacy(target))?;
-    let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
-    let configs = (0..3)
-        .map(|i| f.agent_config(i, coordinator.addr))
-        .collect::<Result<_, _>>()?;
-    let agents = RunningAgents::start(configs)?;
-    let summary = coordinator.finish(LIMIT).await?;
-    agents.stop().await?;
+    let summary = f.run_all(LIMIT).await?;
     assert_eq!(
         summary.rounds_completed, 3,
         "three rounds fit in the target, not four"

@@ -1,0 +1,102 @@
+//! Data-subject requests: what a site tells a customer (or its data-protection
+//! officer) about their data, and what erasure does.
+
+use serde::Serialize;
+
+use crate::store::SubjectData;
+
+/// Why each kind of data is held, and for how long.
+pub const PURPOSES: &[(&str, &str)] = &[
+    (
+        "orders (order, item, time, quantity)",
+        "training the franchise's recommendation model at this site and evaluating it, only with consent; kept until erased",
+    ),
+    (
+        "customer identifier",
+        "finding the customer's data for their requests; never used for training (training sees a pseudonym) and never sent anywhere",
+    ),
+    (
+        "consent",
+        "deciding whether the orders may be used for training",
+    ),
+];
+
+/// What training did with the data, and what erasure can and cannot undo.
+pub const TRAINING_AND_ERASURE: &str = "\
+Nothing about this customer ever left the site. In each training round the site \
+sampled consenting customers at random; a sampled customer's orders produced one \
+small model change, which was clipped to a fixed maximum size, added to other \
+customers' changes, and noised (distributed differential privacy, within the \
+privacy budget stated for the model) before it was sent, masked, to the \
+coordinator, which only ever saw the sum over many sites. The model has no \
+per-customer parameters: nothing in it belongs to this customer or can be \
+traced back to them beyond what the privacy guarantee allows (epsilon per \
+customer, for the model's whole life). Erasure deletes every order and the \
+identifier from this site's store and destroys the customer's encryption key, \
+so nothing of them can be decrypted from the store file, its free pages or its \
+backups afterwards. Models already trained are not retrained: the customer's \
+influence on them is bounded by the differential-privacy guarantee, and the \
+customer takes no part in any later round.";
+
+/// A data-subject export.
+#[derive(Debug, Serialize)]
+pub struct Export<'a> {
+    /// The data held.
+    pub data: &'a SubjectData,
+    /// Purposes and retention, per kind of data.
+    pub purposes: Vec<Purpose>,
+    /// What training did with the data.
+    pub training: &'static str,
+}
+
+/// One purpose.
+#[derive(Debug, Serialize)]
+pub struct Purpose {
+    /// The data.
+    pub data: &'static str,
+    /// Why it is held and for how long.
+    pub purpose: &'static str,
+}
+
+impl<'a> Export<'a> {
+    /// The export of `data`.
+    pub fn new(data: &'a SubjectData) -> Self {
+        Self {
+            data,
+            purposes: PURPOSES
+                .iter()
+                .map(|(data, purpose)| Purpose { data, purpose })
+                .collect(),
+            training: TRAINING_AND_ERASURE,
+        }
+    }
+
+    /// The export as text a person can read.
+    pub fn describe(&self) -> String {
+        let d = self.data;
+        let mut out = format!(
+            "customer {} (pseudonym {}), consent to training: {}\n{} order lines:\n",
+            d.customer_id,
+            d.pseudonym,
+            if d.consent { "given" } else { "not given" },
+            d.lines.len()
+        );
+        for l in &d.lines {
+            let time = time::OffsetDateTime::from_unix_timestamp(l.time + i64::from(l.utc_offset))
+                .map(|t| t.to_string())
+                .unwrap_or_else(|_| l.time.to_string());
+            out.push_str(&format!(
+                "  {time}  order {}  {} x {}\n",
+                l.order_id, l.quantity, l.item_id
+            ));
+        }
+        out.push_str("purposes and retention:\n");
+        for p in &self.purposes {
+            out.push_str(&format!("  {}: {}\n", p.data, p.purpose));
+        }
+        out.push_str("what training did with it:\n  ");
+        out.push_str(self.training);
+        out.push('\n');
+        out
+    }
+}

@@ -1,0 +1,163 @@
+//! Customer data at rest: encrypted, pseudonymised, erasable for good, and
+//! never half-imported.
+
+// Test helpers panic on setup failures, which is what a test should do.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use potluck_agent::import::{ImportOptions, import_file};
+use potluck_agent::store::SiteStore;
+use potluck_shared::synth::{self, Franchise, OrderRow, SynthConfig};
+
+fn franchise(customers: usize) -> Franchise {
+    synth::generate(&SynthConfig {
+        sites: 1,
+        customers_per_site: customers,
+        ..SynthConfig::default()
+    })
+}
+
+fn write_csv(rows: &[OrderRow], path: &Path) {
+    synth::write_orders_csv(rows, std::fs::File::create(path).unwrap()).unwrap();
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn the_store_file_holds_no_identifier_pseudonym_or_item_in_the_clear() {
+    let data = franchise(40);
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("orders.csv");
+    write_csv(&data.sites[0].rows, &csv);
+    let store_path = dir.path().join("store.redb");
+    let store = SiteStore::open(&store_path).unwrap();
+    import_file(&store, &csv, &data.menu, &ImportOptions::default()).unwrap();
+    let pseudonyms: Vec<String> = data.sites[0]
+        .rows
+        .iter()
+        .map(|r| store.pseudonym(&r.customer_id))
+        .collect();
+    drop(store);
+    let bytes = std::fs::read(&store_path).unwrap();
+    for (row, pseudonym) in data.sites[0].rows.iter().zip(&pseudonyms) {
+        assert!(
+            !contains(&bytes, &row.customer_id),
+            "customer id {}",
+            row.customer_id
+        );
+        assert!(
+            !contains(&bytes, &row.order_id),
+            "order id {}",
+            row.order_id
+        );
+        assert!(!contains(&bytes, pseudonym), "pseudonym {pseudonym}");
+    }
+    // Not one menu item: the menu itself is only stored once a coordinator sends it.
+    for item in data.menu.items() {
+        assert!(!contains(&bytes, &item.item_id), "item {}", item.item_id);
+    }
+    let keys = std::fs::read(dir.path().join("store.keys")).unwrap();
+    assert!(!contains(&keys, &data.sites[0].rows[0].customer_id));
+}
+
+#[test]
+fn after_erase_nothing_of_the_customer_decrypts_even_from_old_pages() {
+    let data = franchise(30);
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("orders.csv");
+    write_csv(&data.sites[0].rows, &csv);
+    let store_path = dir.path().join("store.redb");
+    let store = SiteStore::open(&store_path).unwrap();
+    import_file(&store, &csv, &data.menu, &ImportOptions::default()).unwrap();
+    let gone = data.sites[0].rows[0].customer_id.clone();
+    let kept = data.sites[0]
+        .rows
+        .iter()
+        .map(|r| r.customer_id.clone())
+        .find(|c| *c != gone)
+        .unwrap();
+    let exported = store.export(&gone).unwrap().expect("held before erasure");
+    assert!(!exported.lines.is_empty());
+    let before_erase = std::fs::read(&store_path).unwrap();
+
+    let lines = store.erase(&gone).unwrap();
+    assert_eq!(lines, Some(exported.lines.len() as u64));
+    assert_eq!(store.export(&gone).unwrap(), None, "export finds nothing");
+    assert_eq!(store.erase(&gone).unwrap(), None, "nothing left to erase");
+    assert!(
+        store.export(&kept).unwrap().is_some(),
+        "other customers are untouched"
+    );
+    drop(store);
+
+    // An attacker with the old file (or its free pages) and today's keys.
+    let old = tempfile::tempdir().unwrap();
+    std::fs::write(old.path().join("store.redb"), &before_erase).unwrap();
+    for key_file in ["store.keys", "master.key"] {
+        std::fs::copy(dir.path().join(key_file), old.path().join(key_file)).unwrap();
+    }
+    let old_store = SiteStore::open(&old.path().join("store.redb")).unwrap();
+    assert_eq!(
+        old_store.export(&gone).unwrap(),
+        None,
+        "the erased customer's records do not open"
+    );
+    assert!(old_store.export(&kept).unwrap().is_some());
+}
+
+#[test]
+fn an_import_killed_midway_leaves_the_store_as_it_was() {
+    let data = franchise(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("orders.csv");
+    write_csv(&data.sites[0].rows, &csv);
+    let menu = dir.path().join("menu.csv");
+    data.menu
+        .write_csv(std::fs::File::create(&menu).unwrap())
+        .unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "site_id = \"site-01\"\ncoordinator = \"127.0.0.1:9\"\nstate_dir = \"state\"\nmenu = \"menu.csv\"\n\
+         [tls]\nca = \"ca.pem\"\ncert = \"site.pem\"\nkey = \"site.key\"\n",
+    )
+    .unwrap();
+    let mut import = Command::new(env!("CARGO_BIN_EXE_potluck-agent"))
+        .args(["import", "--config"])
+        .arg(&config)
+        .arg(&csv)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // New customers' keys are written just before the import's transaction starts.
+    let keys = dir.path().join("state/store.keys");
+    let start = Instant::now();
+    while !keys.exists() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(keys.exists(), "the import started");
+    import.kill().unwrap();
+    let status = import.wait().unwrap();
+    assert!(
+        !status.success(),
+        "killed before it finished ({} rows)",
+        data.sites[0].rows.len()
+    );
+    let store = SiteStore::open(&dir.path().join("state/store.redb")).unwrap();
+    assert_eq!(
+        store.order_lines().unwrap(),
+        0,
+        "nothing of the import landed"
+    );
+    // And a new import completes normally.
+    let report = import_file(&store, &csv, &data.menu, &ImportOptions::default()).unwrap();
+    assert_eq!(report.counts.added, store.order_lines().unwrap());
+}
