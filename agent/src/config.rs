@@ -154,12 +154,20 @@ impl AgentConfig {
         self.state_dir.join("store.redb")
     }
 
-    /// The store file, after creating the state directory.
+    /// The store file, after creating the state directory (mode 0700: it
+    /// holds the site's keys and customer data).
     pub fn store_path_created(&self) -> Result<PathBuf, ConfigError> {
-        std::fs::create_dir_all(&self.state_dir).map_err(|source| ConfigError::Io {
+        let io = |source| ConfigError::Io {
             path: self.state_dir.display().to_string(),
             source,
-        })?;
+        };
+        if !self.state_dir.exists() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(&self.state_dir).map_err(io)?;
+        }
         Ok(self.store_path())
     }
 }

@@ -33,8 +33,10 @@ per-customer parameters: nothing in it belongs to this customer or can be \
 traced back to them beyond what the privacy guarantee allows (epsilon per \
 customer, for the model's whole life). Erasure deletes every order and the \
 identifier from this site's store and destroys the customer's encryption key, \
-so nothing of them can be decrypted from the store file, its free pages or its \
-backups afterwards. Models already trained are not retrained: the customer's \
+so nothing of them can be decrypted from the store file or its free pages \
+afterwards. Backups of the store and its key ring made before the erasure still \
+hold the data: after restoring one, erase again (the audit log lists erasures \
+by pseudonym). Models already trained are not retrained: the customer's \
 influence on them is bounded by the differential-privacy guarantee, and the \
 customer takes no part in any later round.";
 
@@ -82,9 +84,7 @@ impl<'a> Export<'a> {
             d.lines.len()
         );
         for l in &d.lines {
-            let time = time::OffsetDateTime::from_unix_timestamp(l.time + i64::from(l.utc_offset))
-                .map(|t| t.to_string())
-                .unwrap_or_else(|_| l.time.to_string());
+            let time = local_time(l.time, l.utc_offset);
             out.push_str(&format!(
                 "  {time}  order {}  {} x {}\n",
                 l.order_id, l.quantity, l.item_id
@@ -99,4 +99,17 @@ impl<'a> Export<'a> {
         out.push('\n');
         out
     }
+}
+
+/// RFC 3339 in the site's local offset at the time.
+fn local_time(unix: i64, offset: i32) -> String {
+    let offset = time::UtcOffset::from_whole_seconds(offset).unwrap_or(time::UtcOffset::UTC);
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.to_offset(offset)
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
 }

@@ -306,3 +306,38 @@ async fn bad_frames_close_only_the_offending_connection() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_wait_out_a_coordinator_outage_and_join_the_next_round() -> anyhow::Result<()> {
+    init_logging();
+    let mut f = Franchise::new(3, 30, 1)?;
+    // The privacy budget is planned for both runs' rounds.
+    f.coordinator.privacy.planned_rounds = Some(2);
+    let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
+    let addr = coordinator.addr;
+    let configs = (0..3)
+        .map(|i| f.agent_config(i, addr))
+        .collect::<Result<_, _>>()?;
+    let agents = RunningAgents::start(configs)?;
+    assert_eq!(coordinator.finish(LIMIT).await?.rounds_completed, 1);
+
+    // The coordinator is gone for a while; the agents keep retrying.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    f.coordinator.listen = addr;
+    f.coordinator.rounds.max_rounds = Some(1);
+    let restarted = RunningCoordinator::start(f.coordinator.clone())?;
+    let summary = restarted.finish(LIMIT).await?;
+    agents.stop().await?;
+    assert_eq!(
+        summary.rounds_completed, 1,
+        "the same agents came back for a round"
+    );
+    let metrics = f.metrics()?;
+    assert_eq!(metrics.len(), 2);
+    assert_eq!(metrics[1]["participants"], 3);
+    assert_eq!(
+        metrics[1]["model_version"], 2,
+        "continued from the stored model"
+    );
+    Ok(())
+}
