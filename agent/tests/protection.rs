@@ -30,15 +30,21 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
         .any(|w| w == needle.as_bytes())
 }
 
-#[test]
-fn the_store_file_holds_no_identifier_pseudonym_or_item_in_the_clear() {
-    let data = franchise(40);
+/// A site store with `customers` synthetic customers imported.
+fn imported(customers: usize) -> (Franchise, tempfile::TempDir, SiteStore) {
+    let data = franchise(customers);
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("orders.csv");
     write_csv(&data.sites[0].rows, &csv);
-    let store_path = dir.path().join("store.redb");
-    let store = SiteStore::open(&store_path).unwrap();
+    let store = SiteStore::open(&dir.path().join("store.redb")).unwrap();
     import_file(&store, &csv, &data.menu, &ImportOptions::default()).unwrap();
+    (data, dir, store)
+}
+
+#[test]
+fn the_store_file_holds_no_identifier_pseudonym_or_item_in_the_clear() {
+    let (data, dir, store) = imported(40);
+    let store_path = dir.path().join("store.redb");
     let pseudonyms: Vec<String> = data.sites[0]
         .rows
         .iter()
@@ -69,13 +75,8 @@ fn the_store_file_holds_no_identifier_pseudonym_or_item_in_the_clear() {
 
 #[test]
 fn after_erase_nothing_of_the_customer_decrypts_even_from_old_pages() {
-    let data = franchise(30);
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("orders.csv");
-    write_csv(&data.sites[0].rows, &csv);
+    let (data, dir, store) = imported(30);
     let store_path = dir.path().join("store.redb");
-    let store = SiteStore::open(&store_path).unwrap();
-    import_file(&store, &csv, &data.menu, &ImportOptions::default()).unwrap();
     let gone = data.sites[0].rows[0].customer_id.clone();
     let kept = data.sites[0]
         .rows
