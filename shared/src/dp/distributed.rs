@@ -156,6 +156,41 @@ impl RoundPrivacy {
         Ok((privacy, encoding))
     }
 
+    /// What a site checks before using a round's parameters: they must be in
+    /// range, and the rounding bound at least Kairouz et al.'s bound for this
+    /// clip norm and scale, so the bound the site's accountant assumes holds
+    /// whatever the coordinator sent.
+    pub fn check(&self, length: usize) -> Result<(), PrivacyError> {
+        let bad = |what: String| Err(PrivacyError::Setting(what));
+        if !(self.sampling_rate > 0.0 && self.sampling_rate <= 1.0) {
+            return bad(format!(
+                "sampling_rate {} outside (0, 1]",
+                self.sampling_rate
+            ));
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            return bad(format!("clip_norm {}", self.clip_norm));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return bad(format!("scale {}", self.scale));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return bad(format!("delta {}", self.delta));
+        }
+        if !(self.local_variance.is_finite() && self.local_variance >= 0.0) {
+            return bad(format!("local_variance {}", self.local_variance));
+        }
+        let needed = rounded_l2_bound(f64::from(self.clip_norm) * self.scale, length);
+        // NaN fails too.
+        if self.rounded_bound.is_nan() || self.rounded_bound < needed * (1.0 - 1e-12) {
+            return bad(format!(
+                "rounded_bound {} is below the bound {needed} of this clip norm and scale",
+                self.rounded_bound
+            ));
+        }
+        Ok(())
+    }
+
     /// The encoding with room for `sites` noisy contributions.
     fn encoding(&self, bits: u32, sites: usize) -> Result<Encoding, PrivacyError> {
         let margin = NOISE_MARGIN_SDS * (sites as f64 * self.local_variance.ceil()).sqrt();
@@ -372,6 +407,18 @@ mod tests {
         assert!(step.discrete_tau_d < 1e-30);
         // Fewer guaranteed survivors means less noise in the sum.
         assert!(privacy.step(5, 2, 101).noise_multiplier < 0.75);
+    }
+
+    #[test]
+    fn a_site_refuses_a_rounding_bound_below_what_the_clip_norm_needs() {
+        let (mut privacy, _) = plan(PrivacyUnit::Customer);
+        privacy.check(101).unwrap();
+        privacy.rounded_bound /= 2.0;
+        let err = privacy.check(101).unwrap_err().to_string();
+        assert!(err.contains("rounded_bound"), "{err}");
+        let (mut privacy, _) = plan(PrivacyUnit::Customer);
+        privacy.sampling_rate = 0.0;
+        assert!(privacy.check(101).is_err());
     }
 
     #[test]

@@ -318,10 +318,18 @@ impl SiteSession {
                 return;
             }
         };
-        if task.privacy.is_some() && task.secagg.is_none() {
-            let reason = "distributed noise needs secure aggregation, which this round lacks";
-            self.decline(task.round, reason.into());
-            return;
+        if let Some(privacy) = &task.privacy {
+            let checked = match &task.secagg {
+                Some(setup) => privacy.check(setup.length).map_err(|e| e.to_string()),
+                None => Err(
+                    "distributed noise needs secure aggregation, which this round lacks"
+                        .to_string(),
+                ),
+            };
+            if let Err(reason) = checked {
+                self.decline(task.round, format!("privacy settings refused: {reason}"));
+                return;
+            }
         }
         if let Err(reason) = self.start_secagg(&task, rng) {
             self.decline(task.round, reason);
