@@ -58,21 +58,14 @@ enum Command {
     /// store.
     #[command(group(clap::ArgGroup::new("change").required(true).args(["grant", "withdraw"])))]
     Consent {
-        /// The agent's configuration file.
-        #[arg(long, default_value = "/etc/potluck/agent.toml")]
-        config: PathBuf,
-        /// The customer, as in the orders CSV.
-        #[arg(long)]
-        customer: String,
+        #[command(flatten)]
+        who: CustomerArgs,
         /// Record consent.
         #[arg(long)]
         grant: bool,
         /// Record a withdrawal.
         #[arg(long)]
         withdraw: bool,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Data-subject requests: export, rectify or erase what this site holds about a customer.
     #[command(subcommand)]
@@ -106,29 +99,40 @@ enum Command {
     },
 }
 
+/// Which customer a command is about, and how to answer.
+#[derive(Debug, clap::Args)]
+struct CustomerArgs {
+    /// The agent's configuration file.
+    #[arg(long, default_value = "/etc/potluck/agent.toml")]
+    config: PathBuf,
+    /// The customer, as in the orders CSV.
+    #[arg(long)]
+    customer: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CustomerArgs {
+    fn open(&self) -> Result<(AgentConfig, SiteStore)> {
+        let config = load_config(&self.config)?;
+        let store = open_store(&config)?;
+        Ok((config, store))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum SubjectCommand {
     /// Everything held about a customer, with purposes, retention and what training did with it.
     Export {
-        /// The agent's configuration file.
-        #[arg(long, default_value = "/etc/potluck/agent.toml")]
-        config: PathBuf,
-        /// The customer, as in the orders CSV.
-        #[arg(long)]
-        customer: String,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        who: CustomerArgs,
     },
     /// Correct one order line: set its quantity, or remove it.
     #[command(group(clap::ArgGroup::new("change").required(true).args(["quantity", "remove"])))]
     Rectify {
-        /// The agent's configuration file.
-        #[arg(long, default_value = "/etc/potluck/agent.toml")]
-        config: PathBuf,
-        /// The customer, as in the orders CSV.
-        #[arg(long)]
-        customer: String,
+        #[command(flatten)]
+        who: CustomerArgs,
         /// The order identifier.
         #[arg(long)]
         order: String,
@@ -141,21 +145,11 @@ enum SubjectCommand {
         /// Remove the line.
         #[arg(long)]
         remove: bool,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Delete everything held about a customer and destroy their encryption key.
     Erase {
-        /// The agent's configuration file.
-        #[arg(long, default_value = "/etc/potluck/agent.toml")]
-        config: PathBuf,
-        /// The customer, as in the orders CSV.
-        #[arg(long)]
-        customer: String,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        who: CustomerArgs,
     },
 }
 
@@ -193,12 +187,10 @@ fn main() -> Result<()> {
         ),
         Command::Run { config } => run(&config),
         Command::Consent {
-            config,
-            customer,
+            who,
             grant,
             withdraw: _,
-            json,
-        } => consent(&config, &customer, grant, json),
+        } => consent(&who, grant),
         Command::Audit(AuditCommand::Verify { config, json }) => audit_verify(&config, json),
         Command::Subject(command) => subject(command),
         Command::LocalOnly {
@@ -271,9 +263,9 @@ fn import(config: &Path, file: &Path, options: ImportOptions, json: bool) -> Res
     Ok(())
 }
 
-fn consent(config: &Path, customer: &str, grant: bool, json: bool) -> Result<()> {
-    let config = load_config(config)?;
-    let store = open_store(&config)?;
+fn consent(who: &CustomerArgs, grant: bool) -> Result<()> {
+    let (config, store) = who.open()?;
+    let (customer, json) = (who.customer.as_str(), who.json);
     if !store.set_consent(customer, grant)? {
         bail!("customer {customer:?} is not in this site's store; nothing changed");
     }
@@ -300,13 +292,9 @@ fn consent(config: &Path, customer: &str, grant: bool, json: bool) -> Result<()>
 
 fn subject(command: SubjectCommand) -> Result<()> {
     match command {
-        SubjectCommand::Export {
-            config,
-            customer,
-            json,
-        } => {
-            let config = load_config(&config)?;
-            let store = open_store(&config)?;
+        SubjectCommand::Export { who } => {
+            let (config, store) = who.open()?;
+            let CustomerArgs { customer, json, .. } = who;
             let data = store.export(&customer)?;
             audit_request(&config, &store, "subject_export", &customer, data.is_some())?;
             let Some(data) = data else {
@@ -328,16 +316,14 @@ fn subject(command: SubjectCommand) -> Result<()> {
             }
         }
         SubjectCommand::Rectify {
-            config,
-            customer,
+            who,
             order,
             item,
             quantity,
             remove: _,
-            json,
         } => {
-            let config = load_config(&config)?;
-            let store = open_store(&config)?;
+            let (config, store) = who.open()?;
+            let CustomerArgs { customer, json, .. } = who;
             if !store.rectify(&customer, &order, &item, quantity)? {
                 bail!(
                     "customer {customer:?} has no line for item {item:?} in order {order:?}; nothing changed"
@@ -354,13 +340,9 @@ fn subject(command: SubjectCommand) -> Result<()> {
                 println!("order {order}, item {item} of customer {customer}: {change}");
             }
         }
-        SubjectCommand::Erase {
-            config,
-            customer,
-            json,
-        } => {
-            let config = load_config(&config)?;
-            let store = open_store(&config)?;
+        SubjectCommand::Erase { who } => {
+            let (config, store) = who.open()?;
+            let CustomerArgs { customer, json, .. } = who;
             let erased = store.erase(&customer)?;
             audit_request(
                 &config,

@@ -117,10 +117,7 @@ impl PrivacySection {
             "privacy.noise_multiplier or privacy.planned_rounds (or rounds.max_rounds) must be set \
              to calibrate the noise to the budget",
         )?;
-        let q = match self.unit {
-            PrivacyUnit::Customer => self.sampling_rate,
-            PrivacyUnit::Site => 1.0,
-        };
+        let q = self.unit.sampling_rate(self.sampling_rate);
         let z =
             accountant::calibrate(self.target_epsilon, q, rounds, self.delta).ok_or_else(|| {
                 format!(

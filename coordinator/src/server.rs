@@ -140,14 +140,15 @@ impl Server {
         let next_round = self.state.next_round()?;
         let lineage = &self.config.privacy.lineage;
         let spent = self.state.privacy_steps(lineage)?;
-        if self.config.privacy.enabled {
-            let policy = self.config.round_config().privacy;
+        // Built once: it calibrates the noise to the budget.
+        let round_config = self.config.round_config();
+        if let Some(policy) = &round_config.privacy {
             info!(
                 %lineage,
                 rounds_spent = spent.len(),
                 target_epsilon = self.config.privacy.target_epsilon,
                 delta = self.config.privacy.delta,
-                noise_multiplier = policy.as_ref().map(|p| p.noise_multiplier),
+                noise_multiplier = policy.noise_multiplier,
                 sampling_rate = self.config.privacy.sampling_rate,
                 clip_norm = self.config.privacy.clip_norm,
                 unit = %self.config.privacy.unit,
@@ -168,8 +169,7 @@ impl Server {
             self.config.rounds.min_sites
         );
         let mut driver = Driver {
-            coordinator: Coordinator::new(self.config.round_config(), model, next_round)
-                .with_spent(&spent),
+            coordinator: Coordinator::new(round_config, model, next_round).with_spent(&spent),
             state: self.state.clone(),
             lineage: lineage.clone(),
             peers: HashMap::new(),

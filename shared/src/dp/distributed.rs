@@ -48,6 +48,17 @@ impl std::fmt::Display for PrivacyUnit {
     }
 }
 
+impl PrivacyUnit {
+    /// The probability that a unit takes part in a round, given the customer
+    /// sampling rate: with the site unit the whole site's data always does.
+    pub fn sampling_rate(self, customer_rate: f64) -> f64 {
+        match self {
+            PrivacyUnit::Customer => customer_rate,
+            PrivacyUnit::Site => 1.0,
+        }
+    }
+}
+
 /// The value of the count coordinate, as a fraction of the clip norm.
 const COUNT_FRACTION: f32 = 0.25;
 /// Integer units per unit of clip norm, per square root of the vector length:
@@ -205,12 +216,8 @@ impl RoundPrivacy {
     /// cohort of `sites` enforces it: the noise it adds and the bound it rounds to.
     pub fn step(&self, sites: usize, threshold: usize, length: usize) -> Step {
         let variance = self.local_variance.ceil();
-        let sampling_rate = match self.unit {
-            PrivacyUnit::Customer => self.sampling_rate,
-            PrivacyUnit::Site => 1.0, // the site's whole data takes part
-        };
         Step {
-            sampling_rate,
+            sampling_rate: self.unit.sampling_rate(self.sampling_rate),
             noise_multiplier: (threshold as f64 * variance).sqrt() / self.rounded_bound,
             discrete_tau_d: discrete_gaussian_tau(sites, variance) * length as f64,
         }

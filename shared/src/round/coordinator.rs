@@ -64,16 +64,6 @@ pub struct PrivacyPolicy {
     pub delta: f64,
 }
 
-impl PrivacyPolicy {
-    /// The sampling rate rounds use: 1 for the site unit, where every site takes part.
-    pub fn effective_sampling_rate(&self) -> f64 {
-        match self.unit {
-            PrivacyUnit::Customer => self.sampling_rate,
-            PrivacyUnit::Site => 1.0,
-        }
-    }
-}
-
 impl Default for RoundConfig {
     fn default() -> Self {
         Self {
@@ -676,7 +666,7 @@ impl Coordinator {
                 let (privacy, encoding) = RoundPrivacy::plan(
                     lineage,
                     p.unit,
-                    p.effective_sampling_rate(),
+                    p.unit.sampling_rate(p.sampling_rate),
                     p.noise_multiplier,
                     p.clip_norm,
                     p.delta,
