@@ -24,14 +24,16 @@ use rand::RngExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::api::{self, ApiState, load_token};
 use crate::audit::AuditLog;
 use crate::config::{AgentConfig, PrivacyLimits};
 use crate::dataset::SiteData;
 use crate::evaluation::evaluate;
-use crate::store::{SiteStore, StoreError};
+use crate::retention::purge_periodically;
+use crate::store::{DEFAULT_WAIT, SiteStore, StoreError, StoreHandle};
 use crate::training::{Trained, private_contribution, train};
 use potluck_shared::dp::Contribution;
-use potluck_shared::model::GlobalModel;
+use potluck_shared::model::{GlobalModel, Menu};
 use potluck_shared::wire::EvalCounts;
 
 /// Why the agent cannot run.
@@ -71,6 +73,12 @@ pub enum AgentError {
     /// The coordinator speaks another protocol version; retrying cannot help.
     #[error(transparent)]
     Incompatible(SiteSessionError),
+    /// The recommendations API cannot start.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
+    /// The configured menu file is unusable.
+    #[error(transparent)]
+    Menu(#[from] potluck_shared::model::MenuError),
 }
 
 /// Why one connection ended.
@@ -108,9 +116,10 @@ enum Work {
 #[derive(Debug)]
 pub struct Agent {
     config: AgentConfig,
-    store: Arc<SiteStore>,
+    store: StoreHandle,
     client: quinn::ClientConfig,
     secagg: SecAggIdentity,
+    api: Option<ApiState>,
 }
 
 impl Agent {
@@ -133,23 +142,32 @@ impl Agent {
                 at: expiry.to_string(),
             });
         }
-        let store_path = config.store_path_created()?;
-        let store = Arc::new(SiteStore::open(&store_path)?);
+        let store = StoreHandle::new(config.store_path_created()?, DEFAULT_WAIT);
+        // Open it once now, so that a missing or unreadable key fails at start.
+        store.with(|_| Ok(()))?;
         let secagg = SecAggIdentity {
             signer: Arc::new(SiteSigner::new(&identity.chain[0], &identity.key)?),
             verifier: PeerVerifier::new(identity.ca.clone())?,
         };
         let client = tls::client_config(identity)?;
+        let api = if config.api.enabled {
+            let token = load_token(&config.token_path(), config.api.token_file.is_none())?;
+            let menu = config.menu.as_deref().map(Menu::load).transpose()?;
+            Some(ApiState::new(&store, menu, &token))
+        } else {
+            None
+        };
         Ok(Self {
             config,
             store,
             client,
             secagg,
+            api,
         })
     }
 
     /// The site's store.
-    pub fn store(&self) -> &Arc<SiteStore> {
+    pub fn store(&self) -> &StoreHandle {
         &self.store
     }
 
@@ -162,6 +180,23 @@ impl Agent {
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Bind)?;
         endpoint.set_default_client_config(self.client.clone());
+        let mut helpers = Helpers::default();
+        if let Some(state) = &self.api {
+            let listener = api::bind(self.config.api.listen).await?;
+            let addr = listener.local_addr().map_err(AgentError::Bind)?;
+            info!(%addr, "recommendations API listening");
+            let state = state.clone();
+            helpers.0.push(tokio::spawn(async move {
+                if let Err(e) = api::serve(listener, state).await {
+                    warn!(error = %e, "recommendations API stopped");
+                }
+            }));
+        }
+        helpers.0.push(tokio::spawn(purge_periodically(
+            self.store.clone(),
+            self.config.data.clone(),
+            AuditLog::new(&self.config.state_dir),
+        )));
         tokio::pin!(shutdown);
         let mut backoff = Backoff::default();
         loop {
@@ -192,6 +227,7 @@ impl Agent {
             }
         }
         info!(site = %self.config.site_id, "agent stopping");
+        drop(helpers);
         endpoint.close(CloseCode::Shutdown.into(), b"agent shutting down");
         // Give the close a moment to reach the coordinator, not the full drain period.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -325,7 +361,7 @@ fn spawn_reader(
 }
 
 fn spawn_worker(
-    store: Arc<SiteStore>,
+    store: StoreHandle,
     limits: PrivacyLimits,
     audit: AuditLog,
 ) -> (std::sync::mpsc::Sender<Job>, mpsc::UnboundedReceiver<Done>) {
@@ -350,13 +386,15 @@ fn spawn_worker(
 
 /// Train for a round, within this site's own privacy limits.
 fn train_for_round(
-    store: &SiteStore,
+    store: &StoreHandle,
     limits: &PrivacyLimits,
     audit: &AuditLog,
     task: &RoundTask,
     model: &GlobalModel,
 ) -> Result<Work, String> {
-    let data = site_data(store, model)?;
+    let data = store
+        .with(|s| Ok(site_data(s, model)))
+        .map_err(|e| e.to_string())??;
     let Some(privacy) = &task.privacy else {
         if limits.require {
             return Err(
@@ -377,13 +415,15 @@ fn train_for_round(
     };
     let step = privacy_step(task).ok_or("a private round without secure aggregation")?;
     let spent = store
-        .spend_privacy(
-            &privacy.lineage,
-            task.round,
-            step,
-            limits.max_epsilon,
-            limits.delta,
-        )
+        .with(|s| {
+            s.spend_privacy(
+                &privacy.lineage,
+                task.round,
+                step,
+                limits.max_epsilon,
+                limits.delta,
+            )
+        })
         .map_err(|e| e.to_string())?;
     let figures = |epsilon: f64| {
         serde_json::json!({
@@ -430,11 +470,16 @@ fn train_for_round(
 }
 
 /// Keep a new model and evaluate it; failures are logged and reported as zero cases.
-fn on_model(store: &SiteStore, model: &GlobalModel) -> EvalCounts {
-    if let Err(e) = store.save_model(model) {
-        warn!(error = %e, "could not keep the global model");
-    }
-    match site_data(store, model)
+fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
+    let data = store.with(|s| {
+        if let Err(e) = s.save_model(model) {
+            warn!(error = %e, "could not keep the global model");
+        }
+        Ok(site_data(s, model))
+    });
+    match data
+        .map_err(|e| e.to_string())
+        .and_then(|data| data)
         .and_then(|data| evaluate(&model.spec, &model.params, &data).map_err(|e| e.to_string()))
     {
         Ok(counts) => counts,
@@ -455,6 +500,18 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Str
         model.spec.menu.len(),
         model.spec.history_decay,
     ))
+}
+
+/// Tasks that live as long as the agent runs: aborted when it returns.
+#[derive(Default)]
+struct Helpers(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Helpers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Exponential backoff with jitter, from 0.5 s to 30 s.

@@ -56,6 +56,118 @@ pub struct AgentConfig {
     /// This site's own privacy limits, enforced whatever the coordinator asks.
     #[serde(default)]
     pub privacy: PrivacyLimits,
+    /// Which data is kept, for what, and for how long.
+    #[serde(default)]
+    pub data: DataPolicy,
+    /// The local recommendations API.
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// The columns every orders CSV has; the model is trained on them.
+pub const ORDER_COLUMNS: [&str; 5] = [
+    "customer_id",
+    "order_id",
+    "timestamp",
+    "item_id",
+    "quantity",
+];
+
+/// Why a column is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// Training and evaluating the model at this site (the order columns only).
+    Training,
+    /// Fairness audits at this site only: never a model feature, never sent.
+    AuditOnly,
+}
+
+impl Purpose {
+    /// The name used in `agent.toml` and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Training => "training",
+            Self::AuditOnly => "audit_only",
+        }
+    }
+}
+
+/// Minimisation and retention (`[data]` in `agent.toml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPolicy {
+    /// Columns kept besides the order columns and `consent`, with their
+    /// purpose; every other column is dropped at import.
+    pub columns: std::collections::BTreeMap<String, Purpose>,
+    /// Orders older than this many days are purged (none: kept until erased).
+    pub retention_days: Option<u32>,
+}
+
+impl DataPolicy {
+    /// Check the declarations: the order columns can only be for training,
+    /// and any other column only for audits (the model has no feature for it).
+    pub fn check(&self) -> Result<(), String> {
+        for (column, purpose) in &self.columns {
+            let order_column = ORDER_COLUMNS.contains(&column.as_str());
+            match purpose {
+                _ if column == "consent" => {
+                    return Err(
+                        "data.columns.consent: the consent column is always read and needs no purpose".to_string(),
+                    );
+                }
+                Purpose::AuditOnly if order_column => {
+                    return Err(format!(
+                        "data.columns.{column}: an order column is what the model trains on; its purpose can only be \"training\""
+                    ));
+                }
+                Purpose::Training if !order_column => {
+                    return Err(format!(
+                        "data.columns.{column}: purpose \"training\" is only for the order columns ({}); the model has no feature for {column:?}, so it can only be kept as \"audit_only\" (never a model feature, never sent)",
+                        ORDER_COLUMNS.join(", ")
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.retention_days == Some(0) {
+            return Err("data.retention_days: must be at least 1 (leave it out to keep orders until erased)".into());
+        }
+        Ok(())
+    }
+
+    /// The audit-only columns.
+    pub fn audit_columns(&self) -> Vec<String> {
+        self.columns
+            .iter()
+            .filter(|(_, p)| **p == Purpose::AuditOnly)
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+}
+
+/// The local HTTP API the till asks for recommendations (`[api]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve it while the agent runs (off unless configured; the starter
+    /// configuration turns it on).
+    pub enabled: bool,
+    /// Where to listen; keep it on localhost unless a firewall guards the port.
+    pub listen: SocketAddr,
+    /// File holding the bearer token (created with a random token, mode
+    /// 0600, if absent); default `STATE_DIR/api.token`.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8477)),
+            token_file: None,
+        }
+    }
 }
 
 /// The privacy this site allows to be spent on its customers.
@@ -129,6 +241,10 @@ impl AgentConfig {
             path: name,
             message: e.to_string(),
         })?;
+        config.data.check().map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve(base);
         Ok(config)
@@ -147,6 +263,17 @@ impl AgentConfig {
         if let Some(menu) = &mut self.menu {
             fix(menu);
         }
+        if let Some(token) = &mut self.api.token_file {
+            fix(token);
+        }
+    }
+
+    /// The API's bearer token file.
+    pub fn token_path(&self) -> PathBuf {
+        self.api
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("api.token"))
     }
 
     /// The store file.
@@ -192,6 +319,29 @@ mod tests {
         assert_eq!(config.site_id, site);
         assert_eq!(config.tls.key, dir.path().join("site.key"));
         assert_eq!(config.menu, Some(dir.path().join("menu.csv")));
+    }
+
+    #[test]
+    fn purposes_are_checked() {
+        let policy = |text: &str| -> Result<(), String> {
+            let policy: DataPolicy = toml::from_str(text).map_err(|e| e.to_string())?;
+            policy.check()
+        };
+        policy("columns = { age_band = \"audit_only\", item_id = \"training\" }").unwrap();
+        let err = policy("columns = { gender = \"training\" }").unwrap_err();
+        assert!(
+            err.contains("data.columns.gender") && err.contains("audit_only"),
+            "{err}"
+        );
+        let err = policy("columns = { item_id = \"audit_only\" }").unwrap_err();
+        assert!(err.contains("data.columns.item_id"), "{err}");
+        let err = policy("columns = { age = \"marketing\" }").unwrap_err();
+        assert!(err.contains("marketing"), "{err}");
+        assert!(
+            policy("retention_days = 0")
+                .unwrap_err()
+                .contains("retention_days")
+        );
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Importing an orders CSV into the store.
 //!
 //! Columns (by header name, any order): `customer_id, order_id, timestamp`
-//! (RFC 3339), `item_id, quantity`, and optionally `consent` (true/false).
-//! Other columns are ignored and named in the report. Every row is validated
+//! (RFC 3339), `item_id, quantity`, and optionally `consent` (true/false);
+//! these are kept, for training. Columns declared `audit_only` in
+//! `agent.toml` are kept as attributes of the customer (the last row's value
+//! wins), encrypted, for fairness audits at the site only. Every other column
+//! is dropped and named in the report. Orders older than the retention period
+//! are not stored, and counted in the report. Every row is validated
 //! before anything is written: by default one bad row fails the whole import
 //! with file, line and reason, and the store is unchanged; with
 //! `skip_invalid` the good rows are stored and the bad ones are written, with
@@ -16,16 +20,11 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::store::{ImportCounts, OrderLine, SiteStore, StoreError};
+use crate::config::{DataPolicy, ORDER_COLUMNS, Purpose};
+use crate::store::{CustomerFacts, ImportCounts, OrderLine, SiteStore, StoreError};
 
-const REQUIRED: [&str; 5] = [
-    "customer_id",
-    "order_id",
-    "timestamp",
-    "item_id",
-    "quantity",
-];
-const OPTIONAL: [&str; 1] = ["consent"];
+const REQUIRED: [&str; 5] = ORDER_COLUMNS;
+const CONSENT: &str = "consent";
 const MAX_ID_LEN: usize = 256;
 /// How many row errors a failed import spells out.
 const ERRORS_SHOWN: usize = 10;
@@ -101,6 +100,35 @@ pub struct ImportOptions {
     pub skip_invalid: bool,
     /// Where to write rejects (default: `<file>.rejects.csv`).
     pub rejects: Option<PathBuf>,
+    /// Columns kept as audit-only customer attributes.
+    pub audit_columns: Vec<String>,
+    /// Orders before this time (Unix seconds) are past retention and not stored.
+    pub retention_cutoff: Option<i64>,
+}
+
+impl ImportOptions {
+    /// Apply a site's data policy at time `now`.
+    pub fn with_policy(mut self, policy: &DataPolicy, now: OffsetDateTime) -> Self {
+        self.audit_columns = policy.audit_columns();
+        self.retention_cutoff = policy
+            .retention_days
+            .map(|days| retention_cutoff(days, now));
+        self
+    }
+}
+
+/// The oldest order time kept under a retention of `days` at `now`.
+pub fn retention_cutoff(days: u32, now: OffsetDateTime) -> i64 {
+    now.unix_timestamp() - i64::from(days) * 86_400
+}
+
+/// A column kept, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KeptColumn {
+    /// The column.
+    pub column: String,
+    /// `training`, `audit_only`, or `consent`.
+    pub purpose: &'static str,
 }
 
 /// What an import did.
@@ -116,8 +144,12 @@ pub struct ImportReport {
     pub rejected: u64,
     /// Where the rejected rows were written.
     pub rejects_file: Option<String>,
+    /// Columns kept, with their purpose.
+    pub kept_columns: Vec<KeptColumn>,
     /// Columns present in the file but not kept.
     pub dropped_columns: Vec<String>,
+    /// Valid rows not stored because the order is older than the retention period.
+    pub past_retention: u64,
 }
 
 /// Validated rows, ready to store.
@@ -125,14 +157,16 @@ pub struct ImportReport {
 pub struct Parsed {
     /// Valid order lines.
     pub lines: Vec<OrderLine>,
-    /// Consent stated per customer (last row wins).
-    pub consent: BTreeMap<String, bool>,
+    /// Consent and audit-only attributes stated per customer (last row wins).
+    pub customers: BTreeMap<String, CustomerFacts>,
     /// Invalid rows.
     pub errors: Vec<RowError>,
     /// Data rows read.
     pub rows: u64,
     /// The header.
     pub header: Vec<String>,
+    /// Columns kept.
+    pub kept_columns: Vec<KeptColumn>,
     /// Ignored columns.
     pub dropped_columns: Vec<String>,
 }
@@ -149,7 +183,7 @@ pub fn import_file(
         path: name.clone(),
         source,
     })?;
-    let parsed = parse(file, &name, menu)?;
+    let mut parsed = parse(file, &name, menu, &options.audit_columns)?;
     if !parsed.errors.is_empty() && !options.skip_invalid {
         return Err(ImportError::InvalidRows {
             path: name,
@@ -171,19 +205,32 @@ pub fn import_file(
         })?;
         Some(target.display().to_string())
     };
-    let counts = store.import(&parsed.lines, &parsed.consent)?;
+    let before = parsed.lines.len();
+    if let Some(cutoff) = options.retention_cutoff {
+        parsed.lines.retain(|l| l.time >= cutoff);
+    }
+    let past_retention = (before - parsed.lines.len()) as u64;
+    let counts = store.import(&parsed.lines, &parsed.customers)?;
     Ok(ImportReport {
         file: name,
         rows: parsed.rows,
         counts,
         rejected: parsed.errors.len() as u64,
         rejects_file,
+        kept_columns: parsed.kept_columns,
         dropped_columns: parsed.dropped_columns,
+        past_retention,
     })
 }
 
-/// Parse and validate an orders CSV; `source` names it in errors.
-pub fn parse(input: impl std::io::Read, source: &str, menu: &Menu) -> Result<Parsed, ImportError> {
+/// Parse and validate an orders CSV; `source` names it in errors, and
+/// `audit_columns` are kept as customer attributes.
+pub fn parse(
+    input: impl std::io::Read,
+    source: &str,
+    menu: &Menu,
+    audit_columns: &[String],
+) -> Result<Parsed, ImportError> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .flexible(true)
@@ -204,15 +251,16 @@ pub fn parse(input: impl std::io::Read, source: &str, menu: &Menu) -> Result<Par
         let at = position(name).ok_or_else(|| header_error(format!("missing column {name:?}")))?;
         columns.insert(name, at);
     }
-    let consent_col = position("consent");
-    let dropped_columns = header
+    let consent_col = position(CONSENT);
+    let attribute_cols: Vec<(&str, usize)> = audit_columns
         .iter()
-        .filter(|h| !REQUIRED.contains(&h.as_str()) && !OPTIONAL.contains(&h.as_str()))
-        .cloned()
+        .filter_map(|c| position(c).map(|at| (c.as_str(), at)))
         .collect();
+    let (kept_columns, dropped_columns) = sort_columns(&header, audit_columns);
     let items: HashSet<&str> = menu.items().iter().map(|i| i.item_id.as_str()).collect();
     let mut parsed = Parsed {
         header: header.clone(),
+        kept_columns,
         dropped_columns,
         ..Parsed::default()
     };
@@ -237,7 +285,17 @@ pub fn parse(input: impl std::io::Read, source: &str, menu: &Menu) -> Result<Par
         let fields: Vec<String> = record.iter().map(str::to_string).collect();
         let field = |name: &str| record.get(columns[name]).unwrap_or("");
         let consent = consent_col.map(|c| record.get(c).unwrap_or(""));
-        match validate(field, consent, &items) {
+        let attributes: Vec<(&str, &str)> = attribute_cols
+            .iter()
+            .map(|&(column, at)| (column, record.get(at).unwrap_or("")))
+            .collect();
+        let checked = validate(field, consent, &items).and_then(|ok| {
+            match attributes.iter().find(|(_, v)| v.len() > MAX_ID_LEN) {
+                Some((column, _)) => Err(format!("{column} longer than {MAX_ID_LEN} characters")),
+                None => Ok(ok),
+            }
+        });
+        match checked {
             Err(reason) => parsed.errors.push(RowError {
                 line,
                 reason,
@@ -276,14 +334,48 @@ pub fn parse(input: impl std::io::Read, source: &str, menu: &Menu) -> Result<Par
                     });
                     continue;
                 }
-                if let Some(c) = consent {
-                    parsed.consent.insert(order_line.customer_id.clone(), c);
+                let facts = parsed
+                    .customers
+                    .entry(order_line.customer_id.clone())
+                    .or_default();
+                if consent.is_some() {
+                    facts.consent = consent;
+                }
+                for &(column, value) in &attributes {
+                    if !value.is_empty() {
+                        facts
+                            .attributes
+                            .insert(column.to_string(), value.to_string());
+                    }
                 }
                 parsed.lines.push(order_line);
             }
         }
     }
     Ok(parsed)
+}
+
+/// The file's columns, kept (with purpose) or dropped.
+fn sort_columns(header: &[String], audit_columns: &[String]) -> (Vec<KeptColumn>, Vec<String>) {
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    for column in header {
+        let purpose = if REQUIRED.contains(&column.as_str()) {
+            Purpose::Training.as_str()
+        } else if column == CONSENT {
+            CONSENT
+        } else if audit_columns.contains(column) {
+            Purpose::AuditOnly.as_str()
+        } else {
+            dropped.push(column.clone());
+            continue;
+        };
+        kept.push(KeptColumn {
+            column: column.clone(),
+            purpose,
+        });
+    }
+    (kept, dropped)
 }
 
 fn validate<'a>(

@@ -7,12 +7,15 @@
 //! `potluck_shared::round::SiteSession`. Raw customer data never leaves the
 //! site: only clipped, noised updates and evaluation counts do.
 
+pub mod api;
 pub mod audit;
 pub mod client;
 pub mod config;
 pub mod dataset;
 pub mod evaluation;
 pub mod import;
+pub mod recommend;
+pub mod retention;
 pub mod store;
 pub mod subject;
 pub mod training;

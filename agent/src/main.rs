@@ -10,12 +10,15 @@ use potluck_agent::config::AgentConfig;
 use potluck_agent::dataset::SiteData;
 use potluck_agent::evaluation::evaluate;
 use potluck_agent::import::{ImportOptions, import_file};
-use potluck_agent::store::SiteStore;
+use potluck_agent::recommend::{Request, recommend};
+use potluck_agent::retention::{Purge, purge_expired};
+use potluck_agent::store::{DEFAULT_WAIT, SiteStore};
 use potluck_agent::subject::{Export, TRAINING_AND_ERASURE};
 use potluck_agent::training::train_params;
 use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::service::systemd;
 use potluck_shared::wire::TrainSettings;
+use time::OffsetDateTime;
 
 /// The Potluck site agent: keeps this site's customer orders, trains the
 /// franchise's recommendation model locally, and sends only clipped, noised
@@ -32,9 +35,12 @@ enum Command {
     /// Import an orders CSV into the site's store.
     ///
     /// Columns: customer_id, order_id, timestamp (RFC 3339), item_id,
-    /// quantity, and optionally consent (true/false); others are ignored.
-    /// A bad row fails the whole import and nothing is written, unless
-    /// --skip-invalid is given. Importing the same file twice adds nothing.
+    /// quantity, and optionally consent (true/false); columns declared
+    /// audit_only in [data] columns of agent.toml are kept, encrypted, as
+    /// customer attributes; all others are dropped and named in the report.
+    /// Orders older than [data] retention_days are not stored. A bad row
+    /// fails the whole import and nothing is written, unless --skip-invalid
+    /// is given. Importing the same file twice adds nothing.
     Import {
         /// The agent's configuration file.
         #[arg(long, default_value = "/etc/potluck/agent.toml")]
@@ -66,6 +72,34 @@ enum Command {
         /// Record a withdrawal.
         #[arg(long)]
         withdraw: bool,
+    },
+    /// Delete orders older than [data] retention_days now (the running agent
+    /// also does it every hour); the purge is written to the audit log.
+    Purge {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recommend items for a customer, as the till's API does.
+    ///
+    /// Uses the latest global model this site has received. Customers without
+    /// consent, unknown to the site or without orders, and everyone while the
+    /// site has no model, get the site's popular items, flagged as such.
+    Recommend {
+        #[command(flatten)]
+        who: CustomerArgs,
+        /// How many items.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=50))]
+        k: u16,
+        /// Say why each item is recommended.
+        #[arg(long)]
+        explain: bool,
+        /// The time of the order, RFC 3339 (default: now).
+        #[arg(long, value_parser = parse_time)]
+        at: Option<OffsetDateTime>,
     },
     /// Data-subject requests: export, rectify or erase what this site holds about a customer.
     #[command(subcommand)]
@@ -182,9 +216,17 @@ fn main() -> Result<()> {
             ImportOptions {
                 skip_invalid,
                 rejects,
+                ..ImportOptions::default()
             },
             json,
         ),
+        Command::Purge { config, json } => purge(&config, json),
+        Command::Recommend {
+            who,
+            k,
+            explain,
+            at,
+        } => recommend_items(&who, usize::from(k), explain, at),
         Command::Run { config } => run(&config),
         Command::Consent {
             who,
@@ -207,7 +249,8 @@ fn load_config(path: &Path) -> Result<AgentConfig> {
 }
 
 fn open_store(config: &AgentConfig) -> Result<SiteStore> {
-    Ok(SiteStore::open(&config.store_path_created()?)?)
+    let path = config.store_path_created()?;
+    Ok(SiteStore::open_waiting(&path, DEFAULT_WAIT)?)
 }
 
 /// The menu to validate against: the coordinator's latest, else the configured file.
@@ -227,9 +270,11 @@ fn import(config: &Path, file: &Path, options: ImportOptions, json: bool) -> Res
     let config = load_config(config)?;
     let store = open_store(&config)?;
     let menu = menu(&config, &store)?;
+    let options = options.with_policy(&config.data, OffsetDateTime::now_utc());
     let report = import_file(&store, file, &menu, &options)?;
     let c = &report.counts;
-    AuditLog::new(&config.state_dir).append(
+    let audit = AuditLog::new(&config.state_dir);
+    audit.append(
         "import",
         serde_json::json!({
             "file": report.file,
@@ -239,11 +284,16 @@ fn import(config: &Path, file: &Path, options: ImportOptions, json: bool) -> Res
             "updated": c.updated,
             "new_customers": c.new_customers,
             "rejected": report.rejected,
+            "past_retention": report.past_retention,
+            "kept_columns": report.kept_columns,
             "dropped_columns": report.dropped_columns,
         }),
     )?;
+    let purged = purge_expired(&store, &config.data, &audit, OffsetDateTime::now_utc())?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut out = serde_json::to_value(&report)?;
+        out["purge"] = serde_json::to_value(purged)?;
+        println!("{out}");
     } else {
         let c = &report.counts;
         println!(
@@ -256,11 +306,105 @@ fn import(config: &Path, file: &Path, options: ImportOptions, json: bool) -> Res
                 report.rejected
             );
         }
+        let kept: Vec<String> = report
+            .kept_columns
+            .iter()
+            .map(|k| format!("{} ({})", k.column, k.purpose))
+            .collect();
+        println!("columns kept: {}", kept.join(", "));
         if !report.dropped_columns.is_empty() {
-            println!("columns not kept: {}", report.dropped_columns.join(", "));
+            println!(
+                "columns dropped (not declared in [data] columns): {}",
+                report.dropped_columns.join(", ")
+            );
+        }
+        if report.past_retention > 0 {
+            println!(
+                "{} order lines older than the retention period were not stored",
+                report.past_retention
+            );
+        }
+        if let Some(p) = purged.filter(|p| p.deleted.order_lines > 0) {
+            print_purge(&p);
         }
     }
     Ok(())
+}
+
+fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time: {e}"))
+}
+
+fn recommend_items(
+    who: &CustomerArgs,
+    k: usize,
+    explain: bool,
+    at: Option<OffsetDateTime>,
+) -> Result<()> {
+    let (config, store) = who.open()?;
+    let menu = config.menu.as_deref().map(Menu::load).transpose()?;
+    let request = Request {
+        customer: &who.customer,
+        k,
+        at,
+    };
+    let answer = recommend(&store, menu, &request)?;
+    if who.json {
+        println!("{}", serde_json::to_string(&answer)?);
+        return Ok(());
+    }
+    match (answer.fallback, answer.model_version) {
+        (None, Some(version)) => println!(
+            "for customer {} (personalised, model version {version}):",
+            who.customer
+        ),
+        (Some(why), _) => println!(
+            "for customer {} (not personalised: {}; the site's popular items):",
+            who.customer,
+            why.describe()
+        ),
+        (None, None) => println!("for customer {}:", who.customer),
+    }
+    for (rank, item) in answer.items.iter().enumerate() {
+        println!(
+            "{:>3}. {} ({}, {})  score {:.3}",
+            rank + 1,
+            item.name,
+            item.item_id,
+            item.category,
+            item.score
+        );
+        if explain {
+            println!("     {}", item.explanation);
+        }
+    }
+    Ok(())
+}
+
+fn purge(config: &Path, json: bool) -> Result<()> {
+    let config = load_config(config)?;
+    let store = open_store(&config)?;
+    let audit = AuditLog::new(&config.state_dir);
+    let purged = purge_expired(&store, &config.data, &audit, OffsetDateTime::now_utc())?;
+    if json {
+        println!("{}", serde_json::json!({ "purge": purged }));
+        return Ok(());
+    }
+    match purged {
+        Some(p) => print_purge(&p),
+        None => println!(
+            "no retention period set ([data] retention_days): orders are kept until erased"
+        ),
+    }
+    Ok(())
+}
+
+fn print_purge(p: &Purge) {
+    println!(
+        "retention {} days: {} order lines deleted, {} customers left without orders deleted with their keys",
+        p.retention_days, p.deleted.order_lines, p.deleted.customers
+    );
 }
 
 fn consent(who: &CustomerArgs, grant: bool) -> Result<()> {
@@ -308,7 +452,7 @@ fn subject(command: SubjectCommand) -> Result<()> {
                 }
                 return Ok(());
             };
-            let export = Export::new(&data);
+            let export = Export::new(&data, &config.data);
             if json {
                 println!("{}", serde_json::to_string(&export)?);
             } else {

@@ -14,7 +14,8 @@
 //! new customers' data keys are persisted before it commits.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use potluck_shared::RoundId;
 use potluck_shared::dp::accountant::Step;
@@ -55,6 +56,53 @@ pub enum StoreError {
     /// The keys are unusable.
     #[error(transparent)]
     Keys(#[from] VaultError),
+    /// Another process (or task) kept the store open for too long.
+    #[error(
+        "store {path} is in use by another process (the agent service, or another command) and was not released within {waited_secs} s"
+    )]
+    InUse {
+        /// The store file.
+        path: String,
+        /// How long we waited.
+        waited_secs: u64,
+    },
+}
+
+/// How long a command waits for the store by default: the running agent holds
+/// it only while it reads or records something, never while it trains.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a store is: opens it for one use at a time, so that commands can
+/// work on it while the agent service runs.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    path: PathBuf,
+    wait: Duration,
+}
+
+impl StoreHandle {
+    /// The store at `path`, waiting up to `wait` for other users to release it.
+    pub fn new(path: PathBuf, wait: Duration) -> Self {
+        Self { path, wait }
+    }
+
+    /// The store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Open the store; others wait until it is dropped.
+    pub fn open(&self) -> Result<SiteStore, StoreError> {
+        SiteStore::open_waiting(&self.path, self.wait)
+    }
+
+    /// Open the store, run `f` on it, and close it.
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&SiteStore) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        f(&self.open()?)
+    }
 }
 
 /// One order line to store.
@@ -87,6 +135,26 @@ struct StoredLine {
 struct StoredCustomer {
     customer_id: String,
     consent: bool,
+    /// Audit-only attributes (column → value).
+    attributes: BTreeMap<String, String>,
+}
+
+/// What an import states about a customer besides their orders.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CustomerFacts {
+    /// Consent, if the file states it.
+    pub consent: Option<bool>,
+    /// Audit-only attributes the file states (column → value).
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// What a retention purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PurgeCounts {
+    /// Order lines deleted.
+    pub order_lines: u64,
+    /// Customers with no order left, deleted with their data key.
+    pub customers: u64,
 }
 
 /// What an import changed.
@@ -111,6 +179,17 @@ pub struct CustomerHistory {
     pub orders: Vec<OrderRecord>,
 }
 
+/// What recommending needs about one customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Customer {
+    /// Consent to training and personal recommendations.
+    pub consent: bool,
+    /// Their orders.
+    pub history: CustomerHistory,
+    /// The site's UTC offset at their latest order, in seconds.
+    pub utc_offset: i32,
+}
+
 /// Everything the store holds about one customer.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SubjectData {
@@ -120,6 +199,8 @@ pub struct SubjectData {
     pub pseudonym: String,
     /// Consent to training.
     pub consent: bool,
+    /// Audit-only attributes (column → value).
+    pub attributes: BTreeMap<String, String>,
     /// Order lines, oldest first.
     pub lines: Vec<SubjectLine>,
 }
@@ -150,14 +231,24 @@ pub struct SiteStore {
 impl SiteStore {
     /// Open or create the store file; its key ring is `PATH.keys` beside it and
     /// the master key comes from systemd credentials or the same directory.
+    ///
+    /// The file is locked while open: the key ring is read after the lock is
+    /// taken, so processes sharing the store never see a stale ring. Fails
+    /// with [`StoreError::InUse`] if another process has it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let name = path.display().to_string();
         let dir = path.parent().unwrap_or(Path::new("."));
-        let vault = Vault::open(dir, &path.with_extension("keys"))?;
-        let db = Database::create(path).map_err(|e| StoreError::Db {
-            path: name.clone(),
-            source: e.into(),
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                path: name.clone(),
+                waited_secs: 0,
+            },
+            e => StoreError::Db {
+                path: name.clone(),
+                source: e.into(),
+            },
         })?;
+        let vault = Vault::open(dir, &path.with_extension("keys"))?;
         let store = Self {
             db,
             vault,
@@ -171,6 +262,30 @@ impl SiteStore {
             Ok(())
         })?;
         Ok(store)
+    }
+
+    /// Open the store, waiting up to `wait` while another process has it open.
+    pub fn open_waiting(path: &Path, wait: Duration) -> Result<Self, StoreError> {
+        let start = Instant::now();
+        let mut announced = false;
+        loop {
+            match Self::open(path) {
+                Err(StoreError::InUse { path, .. }) if start.elapsed() < wait => {
+                    if !announced {
+                        tracing::info!(store = %path, "store in use; waiting for it to be released");
+                        announced = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(StoreError::InUse { path, .. }) => {
+                    return Err(StoreError::InUse {
+                        path,
+                        waited_secs: wait.as_secs(),
+                    });
+                }
+                other => return other,
+            }
+        }
     }
 
     fn db_err(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -220,28 +335,35 @@ impl SiteStore {
         codec::decode(&plain).map(Some).map_err(|e| self.corrupt(e))
     }
 
-    /// Store order lines and consent changes in one transaction.
+    /// Store order lines, consent and attributes in one transaction.
     ///
-    /// `consent` maps customers to the consent their rows stated; customers not
-    /// in it keep what they had (new ones start without consent).
+    /// `customers` holds what the rows stated about each customer; what they
+    /// did not state is kept as it was (new customers start without consent).
     pub fn import(
         &self,
         lines: &[OrderLine],
-        consent: &BTreeMap<String, bool>,
+        customers: &BTreeMap<String, CustomerFacts>,
     ) -> Result<ImportCounts, StoreError> {
         let rows: BTreeMap<&str, String> = lines
             .iter()
             .map(|l| l.customer_id.as_str())
-            .chain(consent.keys().map(String::as_str))
+            .chain(customers.keys().map(String::as_str))
             .map(|c| (c, self.vault.row_ref(c)))
             .collect();
+        let with_lines: std::collections::BTreeSet<&str> =
+            lines.iter().map(|l| l.customer_id.as_str()).collect();
         // Data keys first: a crash after this leaves unused keys, never unreadable rows.
-        self.vault.ensure_keys(rows.values().map(String::as_str))?;
+        // Only customers with orders to store get one: existing customers have theirs.
+        self.vault.ensure_keys(
+            rows.iter()
+                .filter(|(c, _)| with_lines.contains(*c))
+                .map(|(_, row)| row.as_str()),
+        )?;
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         let mut counts = ImportCounts::default();
         {
             let mut orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
-            let mut customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+            let mut table = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
             for line in lines {
                 let row = &rows[line.customer_id.as_str()];
                 let line_ref =
@@ -276,27 +398,31 @@ impl SiteStore {
             }
             for (customer, row) in &rows {
                 let previous: Option<StoredCustomer> =
-                    match customers.get(row.as_str()).map_err(|e| self.db_err(e))? {
+                    match table.get(row.as_str()).map_err(|e| self.db_err(e))? {
                         Some(bytes) => self.open_record(row, bytes.value())?,
                         None => None,
                     };
                 if previous.is_none() {
+                    if !with_lines.contains(customer) {
+                        // What a file says of a customer none of whose orders
+                        // are kept (past retention) is not kept either.
+                        continue;
+                    }
                     counts.new_customers += 1;
                 }
-                let granted = consent
-                    .get(*customer)
-                    .copied()
-                    .or(previous.as_ref().map(|c| c.consent))
-                    .unwrap_or(false);
-                if previous.as_ref().is_some_and(|c| c.consent == granted) {
+                let facts = customers.get(*customer).cloned().unwrap_or_default();
+                let mut record = previous.clone().unwrap_or_else(|| StoredCustomer {
+                    customer_id: (*customer).to_string(),
+                    consent: false,
+                    attributes: BTreeMap::new(),
+                });
+                record.consent = facts.consent.unwrap_or(record.consent);
+                record.attributes.extend(facts.attributes);
+                if previous.as_ref() == Some(&record) {
                     continue;
                 }
-                let record = StoredCustomer {
-                    customer_id: (*customer).to_string(),
-                    consent: granted,
-                };
                 let sealed = self.seal(row, &record)?;
-                customers
+                table
                     .insert(row.as_str(), sealed.as_slice())
                     .map_err(|e| self.db_err(e))?;
             }
@@ -367,6 +493,7 @@ impl SiteStore {
             customer_id: record.customer_id,
             pseudonym: self.vault.pseudonym(customer),
             consent: record.consent,
+            attributes: record.attributes,
             lines,
         }))
     }
@@ -435,6 +562,64 @@ impl SiteStore {
         Ok((known || lines > 0 || had_key).then_some(lines))
     }
 
+    /// Delete every order line older than `cutoff` (Unix seconds), and the
+    /// customers left without orders, with their data keys.
+    pub fn purge(&self, cutoff: i64) -> Result<PurgeCounts, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        let mut counts = PurgeCounts::default();
+        let mut emptied = Vec::new();
+        {
+            let mut customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+            let mut orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
+            let rows = customers
+                .iter()
+                .map_err(|e| self.db_err(e))?
+                .map(|entry| entry.map(|(row, _)| row.value().to_string()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| self.db_err(e))?;
+            for row in rows {
+                let (expired, kept) = self.expired_lines(&orders, &row, cutoff)?;
+                for line_ref in &expired {
+                    orders
+                        .remove((row.as_str(), line_ref.as_str()))
+                        .map_err(|e| self.db_err(e))?;
+                }
+                counts.order_lines += expired.len() as u64;
+                if kept == 0 {
+                    customers.remove(row.as_str()).map_err(|e| self.db_err(e))?;
+                    emptied.push(row);
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        counts.customers = emptied.len() as u64;
+        self.vault
+            .destroy_keys(emptied.iter().map(String::as_str))?;
+        Ok(counts)
+    }
+
+    /// The line refs of a customer's lines before `cutoff`, and how many are kept.
+    fn expired_lines(
+        &self,
+        orders: &impl ReadableTable<(&'static str, &'static str), &'static [u8]>,
+        row: &str,
+        cutoff: i64,
+    ) -> Result<(Vec<String>, usize), StoreError> {
+        let mut expired = Vec::new();
+        let mut kept = 0;
+        let range = orders
+            .range((row, "")..=(row, "\u{10ffff}"))
+            .map_err(|e| self.db_err(e))?;
+        for entry in range {
+            let (key, value) = entry.map_err(|e| self.db_err(e))?;
+            match self.open_record::<StoredLine>(row, value.value())? {
+                Some(line) if line.time >= cutoff => kept += 1,
+                _ => expired.push(key.value().1.to_string()),
+            }
+        }
+        Ok((expired, kept))
+    }
+
     /// A customer's stored lines (those whose key still exists).
     fn lines_of(
         &self,
@@ -475,33 +660,69 @@ impl SiteStore {
             if consenting_only && !customer.consent {
                 continue;
             }
-            let mut by_order: BTreeMap<String, (i64, i32, Vec<u32>)> = BTreeMap::new();
-            for line in self.lines_of(&orders, &row)? {
-                let entry = by_order.entry(line.order_id).or_insert((
-                    line.time,
-                    line.utc_offset,
-                    Vec::new(),
-                ));
-                if let Some(&i) = index.get(line.item_id.as_str()) {
-                    entry.2.push(i);
-                }
-            }
-            let mut records: Vec<OrderRecord> = by_order
-                .into_values()
-                .filter(|(_, _, items)| !items.is_empty())
-                .map(|(time, offset, mut items)| {
-                    items.sort_unstable();
-                    items.dedup();
-                    order_record(time, offset, items)
-                })
-                .collect();
-            records.sort_by_key(|r| r.time);
-            out.push(CustomerHistory {
-                pseudonym: self.vault.pseudonym(&customer.customer_id),
-                orders: records,
-            });
+            let lines = self.lines_of(&orders, &row)?;
+            out.push(self.history_of(&customer.customer_id, lines, &index).0);
         }
         Ok(out)
+    }
+
+    /// One customer's consent and orders resolved against `menu`, or `None`
+    /// if the store does not hold them.
+    pub fn customer(&self, customer: &str, menu: &Menu) -> Result<Option<Customer>, StoreError> {
+        let row = self.vault.row_ref(customer);
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
+        let orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
+        let record: Option<StoredCustomer> =
+            match customers.get(row.as_str()).map_err(|e| self.db_err(e))? {
+                Some(bytes) => self.open_record(&row, bytes.value())?,
+                None => None,
+            };
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let lines = self.lines_of(&orders, &row)?;
+        let (history, utc_offset) = self.history_of(customer, lines, &menu.index());
+        Ok(Some(Customer {
+            consent: record.consent,
+            history,
+            utc_offset,
+        }))
+    }
+
+    /// Group lines into orders, oldest first; also returns the UTC offset of the latest.
+    fn history_of(
+        &self,
+        customer: &str,
+        lines: Vec<StoredLine>,
+        index: &std::collections::HashMap<&str, u32>,
+    ) -> (CustomerHistory, i32) {
+        let mut by_order: BTreeMap<String, (i64, i32, Vec<u32>)> = BTreeMap::new();
+        for line in lines {
+            let entry =
+                by_order
+                    .entry(line.order_id)
+                    .or_insert((line.time, line.utc_offset, Vec::new()));
+            if let Some(&i) = index.get(line.item_id.as_str()) {
+                entry.2.push(i);
+            }
+        }
+        let mut orders: Vec<(i32, OrderRecord)> = by_order
+            .into_values()
+            .filter(|(_, _, items)| !items.is_empty())
+            .map(|(time, offset, mut items)| {
+                items.sort_unstable();
+                items.dedup();
+                (offset, order_record(time, offset, items))
+            })
+            .collect();
+        orders.sort_by_key(|(_, r)| r.time);
+        let utc_offset = orders.last().map_or(0, |(offset, _)| *offset);
+        let history = CustomerHistory {
+            pseudonym: self.vault.pseudonym(customer),
+            orders: orders.into_iter().map(|(_, r)| r).collect(),
+        };
+        (history, utc_offset)
     }
 
     /// Number of stored order lines.
@@ -603,6 +824,24 @@ pub fn order_record(time: i64, utc_offset: i32, items: Vec<u32>) -> OrderRecord 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_user_waits_for_the_store_to_be_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let first = SiteStore::open(&path).unwrap();
+        let err = SiteStore::open_waiting(&path, Duration::from_millis(100)).unwrap_err();
+        assert!(
+            matches!(err, StoreError::InUse { .. }) && err.to_string().contains("store.redb"),
+            "{err}"
+        );
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+        });
+        SiteStore::open_waiting(&path, Duration::from_secs(30)).unwrap();
+        release.join().unwrap();
+    }
 
     #[test]
     fn local_weekday_and_hour() {

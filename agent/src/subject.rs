@@ -3,23 +3,42 @@
 
 use serde::Serialize;
 
+use crate::config::DataPolicy;
 use crate::store::SubjectData;
 
-/// Why each kind of data is held, and for how long.
-pub const PURPOSES: &[(&str, &str)] = &[
-    (
-        "orders (order, item, time, quantity)",
-        "training the franchise's recommendation model at this site and evaluating it, only with consent; kept until erased",
-    ),
-    (
-        "customer identifier",
-        "finding the customer's data for their requests; never used for training (training sees a pseudonym) and never sent anywhere",
-    ),
-    (
-        "consent",
-        "deciding whether the orders may be used for training",
-    ),
-];
+/// Why each kind of data is held, and for how long, under `policy`.
+pub fn purposes(policy: &DataPolicy) -> Vec<Purpose> {
+    let retention = match policy.retention_days {
+        Some(days) => {
+            format!("each order is deleted {days} days after it was placed, or when erased")
+        }
+        None => "kept until erased".to_string(),
+    };
+    let mut out = vec![
+        Purpose {
+            data: "orders (order, item, time, quantity)".into(),
+            purpose: format!(
+                "training the franchise's recommendation model at this site, evaluating it, and recommending items at the till, only with consent; {retention}"
+            ),
+        },
+        Purpose {
+            data: "customer identifier".into(),
+            purpose: "finding the customer's data for recommendations and their requests; never used for training (training sees a pseudonym) and never sent anywhere; deleted with the last order or when erased".into(),
+        },
+        Purpose {
+            data: "consent".into(),
+            purpose: "deciding whether the orders may be used for training and personal recommendations".into(),
+        },
+    ];
+    let audit = policy.audit_columns();
+    if !audit.is_empty() {
+        out.push(Purpose {
+            data: format!("attributes ({})", audit.join(", ")),
+            purpose: "fairness audits of the model at this site only (checking it serves every group equally well); never a model feature, never sent anywhere; deleted with the last order or when erased".into(),
+        });
+    }
+    out
+}
 
 /// What training did with the data, and what erasure can and cannot undo.
 pub const TRAINING_AND_ERASURE: &str = "\
@@ -55,20 +74,17 @@ pub struct Export<'a> {
 #[derive(Debug, Serialize)]
 pub struct Purpose {
     /// The data.
-    pub data: &'static str,
+    pub data: String,
     /// Why it is held and for how long.
-    pub purpose: &'static str,
+    pub purpose: String,
 }
 
 impl<'a> Export<'a> {
     /// The export of `data`.
-    pub fn new(data: &'a SubjectData) -> Self {
+    pub fn new(data: &'a SubjectData, policy: &DataPolicy) -> Self {
         Self {
             data,
-            purposes: PURPOSES
-                .iter()
-                .map(|(data, purpose)| Purpose { data, purpose })
-                .collect(),
+            purposes: purposes(policy),
             training: TRAINING_AND_ERASURE,
         }
     }
@@ -83,6 +99,17 @@ impl<'a> Export<'a> {
             if d.consent { "given" } else { "not given" },
             d.lines.len()
         );
+        if !d.attributes.is_empty() {
+            let attributes: Vec<String> = d
+                .attributes
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect();
+            out.push_str(&format!(
+                "attributes (audit only): {}\n",
+                attributes.join(", ")
+            ));
+        }
         for l in &d.lines {
             let time = local_time(l.time, l.utc_offset);
             out.push_str(&format!(

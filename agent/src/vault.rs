@@ -143,9 +143,20 @@ impl Vault {
 
     /// Destroy a customer's data key: what was sealed under it can no longer be opened.
     pub fn destroy_key(&self, row: &str) -> Result<bool, VaultError> {
+        Ok(self.destroy_keys([row])? > 0)
+    }
+
+    /// Destroy the data keys of `rows` in one rewrite; returns how many existed.
+    pub fn destroy_keys<'a>(
+        &self,
+        rows: impl IntoIterator<Item = &'a str>,
+    ) -> Result<usize, VaultError> {
         let mut ring = self.ring.lock().expect("not poisoned");
-        let removed = ring.remove(row).is_some();
-        if removed {
+        let removed = rows
+            .into_iter()
+            .filter(|row| ring.remove(*row).is_some())
+            .count();
+        if removed > 0 {
             self.save_ring(&ring)?;
         }
         Ok(removed)

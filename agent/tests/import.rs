@@ -5,9 +5,14 @@
 
 use std::path::Path;
 
+use potluck_agent::audit::AuditLog;
+use potluck_agent::config::DataPolicy;
 use potluck_agent::import::{ImportError, ImportOptions, import_file};
+use potluck_agent::retention::purge_expired;
 use potluck_agent::store::SiteStore;
 use potluck_shared::model::{Menu, MenuItem};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 const HEADER: &str = "customer_id,order_id,timestamp,item_id,quantity,consent,age_band\n";
 const GOOD: &str = "c1,o1,2025-03-01T12:00:00+01:00,burger,1,true,25-34\n\
@@ -51,16 +56,16 @@ impl Site {
         path: &Path,
         skip_invalid: bool,
     ) -> Result<potluck_agent::import::ImportReport, ImportError> {
-        import_file(
-            &self.store,
-            path,
-            &menu(),
-            &ImportOptions {
-                skip_invalid,
-                rejects: None,
-            },
-        )
+        let options = ImportOptions {
+            skip_invalid,
+            ..ImportOptions::default()
+        };
+        import_file(&self.store, path, &menu(), &options)
     }
+}
+
+fn time(text: &str) -> OffsetDateTime {
+    OffsetDateTime::parse(text, &Rfc3339).unwrap()
 }
 
 #[test]
@@ -210,4 +215,86 @@ fn skip_invalid_imports_good_rows_and_writes_rejects() {
         "{row}"
     );
     assert!(lines.next().is_none());
+}
+
+#[test]
+fn declared_audit_columns_are_kept_encrypted_and_the_rest_dropped() {
+    let s = site();
+    let path = s.dir.path().join("wide.csv");
+    std::fs::write(
+        &path,
+        "customer_id,order_id,timestamp,item_id,quantity,consent,age_band,phone\n\
+         c1,o1,2025-03-01T12:00:00Z,burger,1,true,25-34,+44700900123\n\
+         c1,o2,2025-03-03T12:00:00Z,cola,1,true,35-49,+44700900123\n",
+    )
+    .unwrap();
+    let options = ImportOptions {
+        audit_columns: vec!["age_band".into(), "gender".into()],
+        ..ImportOptions::default()
+    };
+    let report = import_file(&s.store, &path, &menu(), &options).unwrap();
+    assert_eq!(report.dropped_columns, vec!["phone".to_string()]);
+    let kept: Vec<(&str, &str)> = report
+        .kept_columns
+        .iter()
+        .map(|k| (k.column.as_str(), k.purpose))
+        .collect();
+    assert!(kept.contains(&("age_band", "audit_only")), "{kept:?}");
+    assert!(kept.contains(&("item_id", "training")), "{kept:?}");
+    let held = s.store.export("c1").unwrap().unwrap();
+    assert_eq!(
+        held.attributes.into_iter().collect::<Vec<_>>(),
+        vec![("age_band".to_string(), "35-49".to_string())],
+        "the last row's value is kept; the phone number is not"
+    );
+    drop(s.store);
+    let bytes = std::fs::read(s.dir.path().join("store.redb")).unwrap();
+    for plain in [&b"35-49"[..], b"25-34", b"+44700900123", b"age_band"] {
+        assert!(
+            !bytes.windows(plain.len()).any(|w| w == plain),
+            "{} in the clear",
+            String::from_utf8_lossy(plain)
+        );
+    }
+}
+
+#[test]
+fn orders_past_retention_are_not_stored_and_stored_ones_are_purged_and_audited() {
+    let s = site();
+    let options = ImportOptions {
+        retention_cutoff: Some(time("2025-03-02T00:00:00Z").unix_timestamp()),
+        ..ImportOptions::default()
+    };
+    let report = import_file(&s.store, &s.file("orders.csv", GOOD), &menu(), &options).unwrap();
+    assert_eq!((report.past_retention, report.counts.added), (2, 1));
+    assert!(
+        s.store.export("c1").unwrap().is_none(),
+        "a customer with no kept order is not kept"
+    );
+    assert_eq!(report.counts.new_customers, 1);
+
+    let audit = AuditLog::new(s.dir.path());
+    let policy = DataPolicy {
+        retention_days: Some(7),
+        ..DataPolicy::default()
+    };
+    let early = purge_expired(&s.store, &policy, &audit, time("2025-03-05T00:00:00Z")).unwrap();
+    assert_eq!(early.unwrap().deleted.order_lines, 0);
+    assert_eq!(
+        audit.verify().unwrap(),
+        0,
+        "a purge that deletes nothing is not logged"
+    );
+    let purge = purge_expired(&s.store, &policy, &audit, time("2025-03-10T00:00:00Z"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((purge.deleted.order_lines, purge.deleted.customers), (1, 1));
+    assert!(s.store.export("c2").unwrap().is_none());
+    assert_eq!(s.store.order_lines().unwrap(), 0);
+    assert_eq!(audit.verify().unwrap(), 1);
+    let log = std::fs::read_to_string(audit.path()).unwrap();
+    assert!(
+        log.contains("\"event\":\"purge\"") && log.contains("\"order_lines\":1"),
+        "{log}"
+    );
 }

@@ -49,6 +49,22 @@ pub fn agent_toml(
          [privacy]\n\
          max_epsilon = 8.0\n\
          delta = 1e-6\n\
-         require = true\n"
+         require = true\n\
+         \n\
+         # What is kept of the orders CSV, and for how long. The order columns\n\
+         # (customer_id, order_id, timestamp, item_id, quantity) and consent are\n\
+         # always kept; other columns only if declared here, and only as\n\
+         # \"audit_only\": kept encrypted for fairness audits at this site, never\n\
+         # a model feature, never sent. Everything else is dropped at import.\n\
+         [data]\n\
+         # columns = {{ age_band = \"audit_only\", gender = \"audit_only\" }}\n\
+         # Orders older than this are deleted (checked hourly); unset keeps them until erased.\n\
+         # retention_days = 730\n\
+         \n\
+         # The till's recommendations API (bearer token in STATE_DIR/api.token,\n\
+         # created on first start).\n\
+         [api]\n\
+         enabled = true\n\
+         listen = \"127.0.0.1:8477\"\n"
     )
 }

@@ -123,6 +123,8 @@ impl Franchise {
     pub fn agent_config(&self, i: usize, coordinator: SocketAddr) -> anyhow::Result<AgentConfig> {
         let mut config = AgentConfig::load(&self.sites[i].1.join(bundle::AGENT_CONFIG))?;
         config.coordinator = coordinator;
+        // Many agents share this machine: each API takes a free port.
+        config.api.listen = "127.0.0.1:0".parse()?;
         Ok(config)
     }
 
@@ -157,6 +159,8 @@ pub fn agent_config(site: &SiteId, dir: &Path, coordinator: SocketAddr) -> Agent
         },
         limits: Limits::default(),
         privacy: Default::default(),
+        data: Default::default(),
+        api: Default::default(),
     }
 }
 
