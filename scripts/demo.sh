@@ -7,7 +7,7 @@ set -euo pipefail
 
 usage() {
   cat <<'TXT'
-Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--port P]
+Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--port P] [--api-port P]
                       [--epsilon E | --no-privacy] [--skip-local-only] [--release]
                       [--dangerous-disable-secure-aggregation]
 
@@ -24,6 +24,8 @@ Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--p
   --skip-local-only
                do not train the local-only comparison models (faster)
   --port P     the coordinator's UDP port on 127.0.0.1 (default 7443)
+  --api-port P the first site's till API port on 127.0.0.1 (default 8477; the
+               next sites take the following ports)
   --release    build optimised binaries (slower first build, faster rounds)
   --dangerous-disable-secure-aggregation
                combine updates in the clear (for comparison only: the
@@ -44,6 +46,7 @@ LOCAL_ONLY=true
 SERVER_LR=
 EPOCHS=2
 PORT=7443
+API_BASE=8477
 PROFILE=debug
 CARGO_FLAGS=()
 INSECURE=false
@@ -59,12 +62,14 @@ while [ $# -gt 0 ]; do
     --server-lr) SERVER_LR="$2"; shift 2 ;;
     --local-epochs) EPOCHS="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
+    --api-port) API_BASE="$2"; shift 2 ;;
     --release) PROFILE=release; CARGO_FLAGS=(--release); shift ;;
     --dangerous-disable-secure-aggregation) INSECURE=true; PRIVACY=false; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "demo.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+API_PORT=$API_BASE
 if [ "$SITES" -lt 3 ]; then echo "demo.sh: --sites must be at least 3" >&2; exit 2; fi
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -141,6 +146,9 @@ for site in "${SITE_IDS[@]}"; do
     # Sites refuse rounds without privacy unless told otherwise.
     sed -i 's/^require = true$/require = false/' "$OUT/sites/$site/agent.toml"
   fi
+  # Each site's till API on its own port (127.0.0.1:8477, 8478, ...).
+  sed -i "s/^listen = \"127.0.0.1:8477\"$/listen = \"127.0.0.1:$API_PORT\"/" "$OUT/sites/$site/agent.toml"
+  API_PORT=$((API_PORT + 1))
   "$AGENT" import --config "$OUT/sites/$site/agent.toml" "$OUT/data/$site.csv"
 done
 
@@ -162,6 +170,18 @@ if ! wait "$COORD_PID"; then
   echo "demo.sh: the coordinator failed; see $OUT/logs/coordinator.log" >&2
   exit 1
 fi
+# Ask the first site's till API (still running) for a consenting customer's recommendations.
+FIRST="${SITE_IDS[0]}"
+CUSTOMER=$(awk -F, 'NR > 1 && $6 == "true" { print $1; exit }' "$OUT/data/$FIRST.csv")
+if command -v curl >/dev/null; then
+  TOKEN=$(cat "$OUT/sites/$FIRST/state/api.token")
+  echo "==> $FIRST's till API: GET /v1/customers/$CUSTOMER/recommendations?k=3"
+  curl -sS -H "Authorization: Bearer $TOKEN" \
+    "http://127.0.0.1:$API_BASE/v1/customers/$CUSTOMER/recommendations?k=3" || true
+  echo
+else
+  echo "==> curl not found: not calling $FIRST's till API (potluck-agent recommend below does the same)"
+fi
 STARTED=("${PIDS[@]}")
 PIDS=()
 for pid in "${STARTED[@]:1}"; do kill "$pid" 2>/dev/null || true; done
@@ -176,6 +196,10 @@ if [ "$LOCAL_ONLY" = true ]; then
   done
   REPORT_FLAGS=(--local-only "$OUT/local-only.jsonl")
 fi
+
+echo
+echo "==> what $FIRST's till would suggest to customer $CUSTOMER (potluck-agent recommend --explain)"
+"$AGENT" recommend --config "$OUT/sites/$FIRST/agent.toml" --customer "$CUSTOMER" --k 3 --explain
 
 echo
 "$COORD" report --metrics "$OUT/coordinator/metrics.jsonl" "${REPORT_FLAGS[@]}"

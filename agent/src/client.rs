@@ -171,7 +171,8 @@ impl Agent {
         &self.store
     }
 
-    /// Take part in rounds until `shutdown` completes, reconnecting as needed.
+    /// Take part in rounds until `shutdown` completes, reconnecting as needed;
+    /// tells systemd it is ready once the API (if enabled) listens.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         let bind: SocketAddr = if self.config.coordinator.is_ipv6() {
             "[::]:0".parse().expect("valid address")
@@ -197,6 +198,11 @@ impl Agent {
             self.config.data.clone(),
             AuditLog::new(&self.config.state_dir),
         )));
+        systemd::ready(&format!(
+            "site {}, coordinator {}",
+            self.config.site_id, self.config.coordinator
+        ));
+        helpers.0.extend(systemd::spawn_watchdog());
         tokio::pin!(shutdown);
         let mut backoff = Backoff::default();
         loop {

@@ -567,18 +567,9 @@ fn run(config: &Path) -> Result<()> {
     let config = load_config(config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let status = format!(
-            "site {}, coordinator {}",
-            config.site_id, config.coordinator
-        );
         let agent = Agent::new(config)?;
-        systemd::ready(&status);
-        let watchdog = systemd::spawn_watchdog();
         let result = agent.run(potluck_shared::service::shutdown_signal()).await;
         systemd::stopping();
-        if let Some(watchdog) = watchdog {
-            watchdog.abort();
-        }
         Ok(result?)
     })
 }

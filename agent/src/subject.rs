@@ -93,11 +93,10 @@ impl<'a> Export<'a> {
     pub fn describe(&self) -> String {
         let d = self.data;
         let mut out = format!(
-            "customer {} (pseudonym {}), consent to training: {}\n{} order lines:\n",
+            "customer {} (pseudonym {}), consent to training: {}\n",
             d.customer_id,
             d.pseudonym,
             if d.consent { "given" } else { "not given" },
-            d.lines.len()
         );
         if !d.attributes.is_empty() {
             let attributes: Vec<String> = d
@@ -110,6 +109,7 @@ impl<'a> Export<'a> {
                 attributes.join(", ")
             ));
         }
+        out.push_str(&format!("{} order lines:\n", d.lines.len()));
         for l in &d.lines {
             let time = local_time(l.time, l.utc_offset);
             out.push_str(&format!(
