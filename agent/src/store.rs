@@ -461,8 +461,11 @@ impl SiteStore {
         self.vault.pseudonym(customer)
     }
 
-    /// Everything held about a customer, or `None` if the store has nothing.
-    pub fn export(&self, customer: &str) -> Result<Option<SubjectData>, StoreError> {
+    /// A customer's record and order lines, in one read transaction.
+    fn read_customer(
+        &self,
+        customer: &str,
+    ) -> Result<Option<(StoredCustomer, Vec<StoredLine>)>, StoreError> {
         let row = self.vault.row_ref(customer);
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
@@ -475,8 +478,15 @@ impl SiteStore {
         let Some(record) = record else {
             return Ok(None);
         };
-        let mut lines: Vec<SubjectLine> = self
-            .lines_of(&orders, &row)?
+        Ok(Some((record, self.lines_of(&orders, &row)?)))
+    }
+
+    /// Everything held about a customer, or `None` if the store has nothing.
+    pub fn export(&self, customer: &str) -> Result<Option<SubjectData>, StoreError> {
+        let Some((record, lines)) = self.read_customer(customer)? else {
+            return Ok(None);
+        };
+        let mut lines: Vec<SubjectLine> = lines
             .into_iter()
             .map(|l| SubjectLine {
                 order_id: l.order_id,
@@ -669,19 +679,9 @@ impl SiteStore {
     /// One customer's consent and orders resolved against `menu`, or `None`
     /// if the store does not hold them.
     pub fn customer(&self, customer: &str, menu: &Menu) -> Result<Option<Customer>, StoreError> {
-        let row = self.vault.row_ref(customer);
-        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
-        let customers = txn.open_table(CUSTOMERS).map_err(|e| self.db_err(e))?;
-        let orders = txn.open_table(ORDERS).map_err(|e| self.db_err(e))?;
-        let record: Option<StoredCustomer> =
-            match customers.get(row.as_str()).map_err(|e| self.db_err(e))? {
-                Some(bytes) => self.open_record(&row, bytes.value())?,
-                None => None,
-            };
-        let Some(record) = record else {
+        let Some((record, lines)) = self.read_customer(customer)? else {
             return Ok(None);
         };
-        let lines = self.lines_of(&orders, &row)?;
         let (history, utc_offset) = self.history_of(customer, lines, &menu.index());
         Ok(Some(Customer {
             consent: record.consent,
