@@ -47,3 +47,4 @@ install -m 0644 "$ROOT/scripts/systemd/potluck-agent.service" /etc/systemd/syste
 install -d /usr/local/share/doc/potluck && install -m 0644 "$ROOT/README.md" /usr/local/share/doc/potluck/
 systemctl daemon-reload
 echo "installed; next: import orders as the potluck user, then: systemctl enable --now potluck-agent"
+echo "the till's API token is created on first start in /var/lib/potluck/api.token (mode 0600)"

@@ -5,6 +5,7 @@
 //! and keeps model versions and metrics under its state directory ([`state`]).
 
 pub mod config;
+pub mod dpia;
 pub mod pki;
 pub mod report;
 pub mod server;

@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use potluck_coordinator::dpia;
 use potluck_coordinator::pki::{Enrollment, PkiDir};
 use potluck_coordinator::report::{self, RoundLine};
+use potluck_coordinator::state::StateDir;
 use potluck_coordinator::{CoordinatorConfig, Server};
 use potluck_shared::SiteId;
+use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::synth::{self, SynthConfig};
 use potluck_shared::tls::Validity;
 
@@ -48,6 +51,16 @@ enum Command {
     /// Privacy arithmetic: epsilon of a training plan, or the noise a target needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
+    /// Write a draft data protection impact assessment (DPIA) from the
+    /// configuration and the privacy ledger, for the data-protection officer.
+    Dpia {
+        /// The coordinator's configuration file.
+        #[arg(long, default_value = "/etc/potluck/coordinator.toml")]
+        config: PathBuf,
+        /// Where to write the Markdown draft (default: print it).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print a per-round table from metrics.jsonl and compare the final model with baselines.
     Report {
         /// The coordinator's metrics.jsonl.
@@ -219,12 +232,45 @@ fn main() -> Result<()> {
         }
         Command::Synth(args) => generate(args),
         Command::Privacy(command) => privacy(command),
+        Command::Dpia { config, out } => dpia(&config, out.as_deref()),
         Command::Report {
             metrics,
             local_only,
             json,
         } => report(&metrics, local_only.as_deref(), json),
     }
+}
+
+fn dpia(config_path: &Path, out: Option<&Path>) -> Result<()> {
+    let config =
+        CoordinatorConfig::load(config_path).context("loading the coordinator configuration")?;
+    let mut spec = ModelSpec::new(Menu::load(&config.menu)?);
+    spec.dims = config.model_dims();
+    // Read the ledger if the coordinator has run; never create its state here.
+    let spent = if config.state_dir.exists() {
+        StateDir::open(&config.state_dir)?.privacy_steps(&config.privacy.lineage)?
+    } else {
+        Vec::new()
+    };
+    let text = dpia::render(&dpia::Facts {
+        config_path: &config_path.display().to_string(),
+        config: &config,
+        parameters: spec.param_count(),
+        menu_items: spec.menu.len(),
+        spent: &spent,
+        date: time::OffsetDateTime::now_utc().date().to_string(),
+    });
+    match out {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+            println!(
+                "wrote a draft DPIA to {}: complete the points marked [DPO]",
+                path.display()
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
 }
 
 fn privacy(command: PrivacyCommand) -> Result<()> {
