@@ -64,6 +64,25 @@ pub struct CoordinatorConfig {
     /// Distributed differential privacy and the budget.
     #[serde(default)]
     pub privacy: PrivacySection,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// Where `/metrics` is served (a loopback address); absent: not served.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9477))),
+        }
+    }
 }
 
 /// `[privacy]`.
@@ -348,6 +367,12 @@ impl CoordinatorConfig {
         if !(0.0..=1.0).contains(&self.model.history_decay) {
             return Err("model.history_decay must be between 0 and 1".into());
         }
+        if let Some(addr) = self.telemetry.listen.filter(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "telemetry.listen must be a loopback address (metrics are served without \
+                 authentication; scrape through an SSH tunnel or a proxy), got {addr}"
+            ));
+        }
         self.check_privacy()
     }
 
@@ -476,7 +501,11 @@ impl CoordinatorConfig {
              sampling_rate = 0.2\n\
              clip_norm = 0.5\n\
              # noise_multiplier = 1.0   # absent: calibrated to fit planned_rounds\n\
-             planned_rounds = 20\n"
+             planned_rounds = 20\n\
+             \n\
+             # Prometheus metrics at http://LISTEN/metrics (loopback only).\n\
+             [telemetry]\n\
+             listen = \"127.0.0.1:9477\"\n"
         )
     }
 }

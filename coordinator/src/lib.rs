@@ -10,6 +10,7 @@ pub mod pki;
 pub mod report;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 
 pub use config::CoordinatorConfig;
 pub use server::{RunSummary, ServeError, Server};

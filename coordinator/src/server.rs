@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::CoordinatorConfig;
 use crate::state::{StateDir, StateError};
+use crate::telemetry::{self, Telemetry};
 
 /// How long a new connection has to open its stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,6 +102,7 @@ pub struct Server {
     state: StateDir,
     endpoint: quinn::Endpoint,
     franchise: Arc<str>,
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Server {
@@ -118,11 +120,17 @@ impl Server {
                 source,
             }
         })?;
+        let metrics = config
+            .telemetry
+            .listen
+            .map(|addr| telemetry::bind(addr).map_err(|source| ServeError::Bind { addr, source }))
+            .transpose()?;
         Ok(Self {
             config,
             state,
             endpoint,
             franchise,
+            metrics,
         })
     }
 
@@ -131,8 +139,16 @@ impl Server {
         self.endpoint.local_addr()
     }
 
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Run rounds until `max_rounds` complete or `shutdown` completes.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, ServeError> {
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunSummary, ServeError> {
         let mut spec = ModelSpec::new(Menu::load(&self.config.menu)?);
         spec.dims = self.config.model_dims();
         spec.history_decay = self.config.model.history_decay;
@@ -168,12 +184,30 @@ impl Server {
             "coordinator ready; waiting for {} sites",
             self.config.rounds.min_sites
         );
+        let coordinator = Coordinator::new(round_config, model, next_round).with_spent(&spent);
+        let target = self
+            .config
+            .privacy
+            .enabled
+            .then_some(self.config.privacy.target_epsilon);
+        let telemetry = Arc::new(Telemetry::new(target));
+        if let (Some(spent), Some(target)) = (coordinator.epsilon_spent(), target) {
+            telemetry.privacy(spent, target);
+        }
+        let metrics = self.metrics.take().map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "metrics at http://{addr}/metrics");
+            }
+            tokio::spawn(telemetry::serve(listener, telemetry.clone()))
+        });
         let mut driver = Driver {
-            coordinator: Coordinator::new(round_config, model, next_round).with_spent(&spent),
+            coordinator,
             state: self.state.clone(),
             lineage: lineage.clone(),
             peers: HashMap::new(),
             summary: RunSummary::default(),
+            telemetry,
+            target,
         };
         let (input_tx, mut inputs) = mpsc::channel(1024);
         let accept = tokio::spawn(accept_loop(
@@ -202,6 +236,9 @@ impl Server {
             }
         };
         accept.abort();
+        if let Some(metrics) = metrics {
+            metrics.abort();
+        }
         // Dropping the outboxes lets each writer send what is queued (the final
         // model) and finish its stream; agents then close their side.
         let connections: Vec<_> = driver.peers.drain().map(|(_, p)| p.connection).collect();
@@ -226,10 +263,18 @@ struct Driver {
     lineage: String,
     peers: HashMap<SiteId, Peer>,
     summary: RunSummary,
+    telemetry: Arc<Telemetry>,
+    /// The privacy budget, when differential privacy is on.
+    target: Option<f64>,
 }
 
 impl Driver {
     fn handle(&mut self, input: Input) {
+        self.on_input(input);
+        self.telemetry.set_connected(self.peers.len());
+    }
+
+    fn on_input(&mut self, input: Input) {
         let now = Instant::now();
         match input {
             Input::Connected {
@@ -326,6 +371,10 @@ impl Driver {
             CoordinatorEvent::ModelCommitted(model) => self.state.save_model(&model)?,
             CoordinatorEvent::RoundCompleted(summary) => {
                 self.summary.rounds_completed += 1;
+                self.telemetry.round_completed(&summary);
+                if let (Some(p), Some(target)) = (&summary.privacy, self.target) {
+                    self.telemetry.privacy(p.epsilon, target);
+                }
                 info!("{}", describe(&summary));
                 self.state.append_metrics(&metrics_line(&summary))?;
             }
@@ -335,6 +384,7 @@ impl Driver {
                 reason,
             } => {
                 self.summary.rounds_abandoned += 1;
+                self.telemetry.round_abandoned();
                 warn!(%round, received, %reason, "round abandoned; it will be retried");
             }
             CoordinatorEvent::SiteDeclined {

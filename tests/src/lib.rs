@@ -70,7 +70,8 @@ impl Franchise {
              [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n\
              [rounds]\nmin_sites = {sites}\nmax_rounds = {max_rounds}\ntrain_timeout_secs = 60\n\
              eval_timeout_secs = 30\nretry_delay_secs = 0.5\n\
-             [model]\nembedding = 16\ncontext = 4\nhidden = 32\n{extra}\n"
+             [model]\nembedding = 16\ncontext = 4\nhidden = 32\n\
+             [telemetry]\nlisten = \"127.0.0.1:0\"\n{extra}\n"
         );
         let config_path = root.join("coordinator.toml");
         std::fs::write(&config_path, coordinator_config)?;
@@ -169,6 +170,8 @@ pub fn agent_config(site: &SiteId, dir: &Path, coordinator: SocketAddr) -> Agent
 pub struct RunningCoordinator {
     /// Its address.
     pub addr: SocketAddr,
+    /// Where it serves `/metrics`.
+    pub metrics: Option<SocketAddr>,
     /// Completes when it stops.
     pub task: JoinHandle<Result<RunSummary, potluck_coordinator::ServeError>>,
     stop: watch::Sender<bool>,
@@ -179,11 +182,17 @@ impl RunningCoordinator {
     pub fn start(config: CoordinatorConfig) -> anyhow::Result<Self> {
         let server = Server::bind(config)?;
         let addr = server.local_addr()?;
+        let metrics = server.metrics_addr();
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
         }));
-        Ok(Self { addr, task, stop })
+        Ok(Self {
+            addr,
+            metrics,
+            task,
+            stop,
+        })
     }
 
     /// Stop it now and return what it did.
