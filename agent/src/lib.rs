@@ -5,7 +5,10 @@
 //! trains locally with burn ([`training`]), evaluates ([`evaluation`]), and
 //! takes part in rounds over QUIC ([`client`]) as the async driver of
 //! `potluck_shared::round::SiteSession`. Raw customer data never leaves the
-//! site: only clipped, noised updates and evaluation counts do.
+//! site: only clipped, noised updates and evaluation counts do. It serves
+//! recommendations to the till ([`recommend`], over HTTP in [`api`]), purges
+//! orders past retention ([`retention`]), answers data-subject requests
+//! ([`subject`]) and keeps a tamper-evident audit log ([`audit`]).
 
 pub mod api;
 pub mod audit;
