@@ -55,8 +55,7 @@ impl Telemetry {
     /// A registry with every metric at zero; `target_epsilon` is the budget
     /// (none when differential privacy is off).
     pub fn new(target_epsilon: Option<f64>) -> Self {
-        let mut registry = Registry::with_prefix("potluck");
-        let t = Self {
+        let mut t = Self {
             connected_sites: Gauge::default(),
             rounds_completed: Counter::default(),
             rounds_abandoned: Counter::default(),
@@ -67,63 +66,63 @@ impl Telemetry {
             bytes_received: Counter::default(),
             epsilon_spent: Gauge::default(),
             epsilon_remaining: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("potluck"),
             consistent: Mutex::new(()),
         };
-        registry.register(
+        t.registry.register(
             "connected_sites",
             "Sites connected now",
             t.connected_sites.clone(),
         );
-        registry.register(
+        t.registry.register(
             "rounds_completed",
             "Rounds that produced a model version",
             t.rounds_completed.clone(),
         );
-        registry.register(
+        t.registry.register(
             "rounds_abandoned",
             "Rounds abandoned (too few sites finished)",
             t.rounds_abandoned.clone(),
         );
-        registry.register(
+        t.registry.register(
             "round_participants",
             "Sites whose updates were combined, per completed round",
             t.participants.clone(),
         );
-        registry.register(
+        t.registry.register(
             "round_dropouts",
             "Cohort members that dropped or declined, over completed rounds",
             t.dropouts.clone(),
         );
-        registry.register(
+        t.registry.register(
             "round_duration_seconds",
             "From opening a round to the end of its evaluation",
             t.round_seconds.clone(),
         );
-        registry.register(
+        t.registry.register(
             "secagg_phase_duration_seconds",
             "Duration of each secure aggregation phase",
             t.phase_seconds.clone(),
         );
-        registry.register(
+        t.registry.register(
             "received_bytes",
             "Wire bytes of updates and reports of completed rounds",
             t.bytes_received.clone(),
         );
         if let Some(target) = target_epsilon {
-            registry.register(
+            t.registry.register(
                 "epsilon_spent",
                 "Privacy budget spent by the model lineage (epsilon)",
                 t.epsilon_spent.clone(),
             );
-            registry.register(
+            t.registry.register(
                 "epsilon_remaining",
                 "Privacy budget left for the model lineage (epsilon)",
                 t.epsilon_remaining.clone(),
             );
             t.epsilon_remaining.set(target);
         }
-        Self { registry, ..t }
+        t
     }
 
     /// Sites connected now.
