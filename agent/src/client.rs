@@ -399,8 +399,8 @@ fn train_for_round(
     model: &GlobalModel,
 ) -> Result<Work, String> {
     let data = store
-        .with(|s| Ok(site_data(s, model)))
-        .map_err(|e| e.to_string())??;
+        .with(|s| site_data(s, model))
+        .map_err(|e| e.to_string())?;
     let Some(privacy) = &task.privacy else {
         if limits.require {
             return Err(
@@ -481,11 +481,10 @@ fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
         if let Err(e) = s.save_model(model) {
             warn!(error = %e, "could not keep the global model");
         }
-        Ok(site_data(s, model))
+        site_data(s, model)
     });
     match data
         .map_err(|e| e.to_string())
-        .and_then(|data| data)
         .and_then(|data| evaluate(&model.spec, &model.params, &data).map_err(|e| e.to_string()))
     {
         Ok(counts) => counts,
@@ -497,10 +496,8 @@ fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
 }
 
 /// The site's consenting customers, prepared for `model`'s menu and features.
-pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, String> {
-    let histories = store
-        .histories(&model.spec.menu, true)
-        .map_err(|e| e.to_string())?;
+pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, StoreError> {
+    let histories = store.histories(&model.spec.menu, true)?;
     Ok(SiteData::prepare(
         &histories,
         model.spec.menu.len(),

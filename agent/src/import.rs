@@ -23,7 +23,6 @@ use time::format_description::well_known::Rfc3339;
 use crate::config::{DataPolicy, ORDER_COLUMNS, Purpose};
 use crate::store::{CustomerFacts, ImportCounts, OrderLine, SiteStore, StoreError};
 
-const REQUIRED: [&str; 5] = ORDER_COLUMNS;
 const CONSENT: &str = "consent";
 const MAX_ID_LEN: usize = 256;
 /// How many row errors a failed import spells out.
@@ -247,7 +246,7 @@ pub fn parse(
         .collect();
     let position = |name: &str| header.iter().position(|h| h == name);
     let mut columns = HashMap::new();
-    for name in REQUIRED {
+    for name in ORDER_COLUMNS {
         let at = position(name).ok_or_else(|| header_error(format!("missing column {name:?}")))?;
         columns.insert(name, at);
     }
@@ -360,7 +359,7 @@ fn sort_columns(header: &[String], audit_columns: &[String]) -> (Vec<KeptColumn>
     let mut kept = Vec::new();
     let mut dropped = Vec::new();
     for column in header {
-        let purpose = if REQUIRED.contains(&column.as_str()) {
+        let purpose = if ORDER_COLUMNS.contains(&column.as_str()) {
             Purpose::Training.as_str()
         } else if column == CONSENT {
             CONSENT

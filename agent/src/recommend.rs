@@ -228,14 +228,17 @@ fn personalised(
         .into_iter()
         .map(|i| {
             let item = &spec.menu.items()[i as usize];
-            let factors = probe.factors(&logits, i, &spec.menu);
+            let causes = probe.factors(&logits, i);
             Recommended {
                 item_id: item.item_id.clone(),
                 name: item.name.clone(),
                 category: item.category.clone(),
                 score: f64::from(probabilities[i as usize]),
-                explanation: explain(i, &factors, &facts, &spec.menu),
-                factors,
+                explanation: explain(i, causes.first().map(|c| c.0), &facts, &spec.menu),
+                factors: causes
+                    .into_iter()
+                    .map(|(cause, contribution)| cause.factor(contribution, &spec.menu))
+                    .collect(),
             }
         })
         .collect();
@@ -294,38 +297,50 @@ impl Probe {
     }
 
     /// The positive factors of `item`'s logit, largest first.
-    fn factors(&self, logits: &[Vec<f32>], item: u32, menu: &Menu) -> Vec<Factor> {
+    fn factors(&self, logits: &[Vec<f32>], item: u32) -> Vec<(Cause, f64)> {
         let i = item as usize;
         let full = f64::from(logits[0][i]);
         let n = self.history.len();
         let mean = |rows: &[Vec<f32>]| {
             rows.iter().map(|r| f64::from(r[i])).sum::<f64>() / rows.len() as f64
         };
-        let mut factors: Vec<Factor> = self
+        let mut factors: Vec<(Cause, f64)> = self
             .history
             .iter()
             .enumerate()
-            .map(|(j, &h)| Factor {
-                kind: "history",
-                value: menu.items()[h as usize].item_id.clone(),
-                contribution: full - f64::from(logits[1 + j][i]),
-            })
+            .map(|(j, &h)| (Cause::History(h), full - f64::from(logits[1 + j][i])))
             .collect();
         let weekdays = &logits[1 + n..1 + n + WEEKDAYS];
         let hours = &logits[1 + n + WEEKDAYS..];
-        factors.push(Factor {
-            kind: "weekday",
-            value: self.weekday.to_string(),
-            contribution: full - mean(weekdays),
-        });
-        factors.push(Factor {
-            kind: "hour",
-            value: self.hour.to_string(),
-            contribution: full - mean(hours),
-        });
-        factors.retain(|f| f.contribution > 0.0);
-        factors.sort_by(|a, b| b.contribution.total_cmp(&a.contribution));
+        factors.push((Cause::Weekday(self.weekday), full - mean(weekdays)));
+        factors.push((Cause::Hour(self.hour), full - mean(hours)));
+        factors.retain(|(_, contribution)| *contribution > 0.0);
+        factors.sort_by(|a, b| b.1.total_cmp(&a.1));
         factors
+    }
+}
+
+/// What raised an item's score: an item ordered before (menu index), or the context.
+#[derive(Debug, Clone, Copy)]
+enum Cause {
+    History(u32),
+    Weekday(u8),
+    Hour(u8),
+}
+
+impl Cause {
+    /// The factor as the API shows it.
+    fn factor(self, contribution: f64, menu: &Menu) -> Factor {
+        let (kind, value) = match self {
+            Self::History(item) => ("history", menu.items()[item as usize].item_id.clone()),
+            Self::Weekday(day) => ("weekday", day.to_string()),
+            Self::Hour(hour) => ("hour", hour.to_string()),
+        };
+        Factor {
+            kind,
+            value,
+            contribution,
+        }
     }
 }
 
@@ -397,37 +412,20 @@ const WEEKDAY_NAMES: [&str; 7] = [
 ];
 
 /// The sentence for an item, from its largest factor.
-fn explain(item: u32, factors: &[Factor], facts: &OrderFacts, menu: &Menu) -> String {
-    let name = |id: &str| {
-        menu.items()
-            .iter()
-            .find(|m| m.item_id == id)
-            .map_or(id.to_string(), |m| m.name.clone())
-    };
-    let own_name = menu.items()[item as usize].name.clone();
-    let Some(top) = factors.first() else {
-        return format!("{own_name} is a popular choice at this time");
-    };
-    match top.kind {
-        "history" if top.value == menu.items()[item as usize].item_id => {
-            facts.habit(item, &own_name)
+fn explain(item: u32, top: Option<Cause>, facts: &OrderFacts, menu: &Menu) -> String {
+    let name = |i: u32| menu.items()[i as usize].name.as_str();
+    match top {
+        None => format!("{} is a popular choice at this time", name(item)),
+        Some(Cause::History(h)) if h == item => facts.habit(item, name(item)),
+        Some(Cause::History(h)) => {
+            format!("goes with what they order: {}", facts.habit(h, name(h)))
         }
-        "history" => {
-            let index = menu.index();
-            let other = index.get(top.value.as_str()).copied().unwrap_or(item);
-            format!(
-                "goes with what they order: {}",
-                facts.habit(other, &name(&top.value))
-            )
-        }
-        "weekday" => {
-            let day = top.value.parse::<usize>().unwrap_or(0).min(6);
-            format!("{own_name} is a favourite on {}", WEEKDAY_NAMES[day])
-        }
-        _ => {
-            let hour = top.value.parse::<u8>().unwrap_or(12);
-            format!("{own_name} is a favourite at {}", meal(hour))
-        }
+        Some(Cause::Weekday(day)) => format!(
+            "{} is a favourite on {}",
+            name(item),
+            WEEKDAY_NAMES[usize::from(day).min(6)]
+        ),
+        Some(Cause::Hour(hour)) => format!("{} is a favourite at {}", name(item), meal(hour)),
     }
 }
 
