@@ -66,7 +66,7 @@ impl AuditLog {
             .map_err(io(&self.head))?;
         head_file.lock().map_err(io(&self.head))?;
         let head = read_head(&mut head_file, &self.head)?;
-        let entry = audit::next_entry(&head, now(), event, details);
+        let entry = audit::next_entry(&head, audit::timestamp(), event, details);
         let line = serde_json::to_string(&entry).expect("entries serialise");
         let mut log = OpenOptions::new()
             .create(true)
@@ -119,12 +119,6 @@ fn read_head(file: &mut File, path: &Path) -> Result<Head, AuditError> {
             format!("not an audit head: {e}"),
         ))
     })
-}
-
-fn now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AuditError + '_ {

@@ -67,6 +67,55 @@ pub struct CoordinatorConfig {
     /// Prometheus metrics.
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    /// When rounds may open.
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    /// The admin API and dashboard.
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// `[schedule]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// Daily window when rounds may open, e.g. "22:00-06:00"; absent: any time.
+    pub window: Option<String>,
+    /// The franchise's IANA time zone, e.g. "Europe/Paris".
+    pub time_zone: String,
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            window: None,
+            time_zone: "UTC".into(),
+        }
+    }
+}
+
+impl ScheduleSection {
+    /// The parsed schedule.
+    pub fn schedule(&self) -> Result<crate::schedule::Schedule, String> {
+        crate::schedule::Schedule::new(self.window.as_deref(), &self.time_zone)
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Where the admin API and the dashboard are served (a loopback address:
+    /// reach it through an SSH tunnel or a TLS proxy); absent: not served.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9478))),
+        }
+    }
 }
 
 /// `[telemetry]`.
@@ -193,7 +242,12 @@ pub struct TlsFiles {
 pub struct RoundsSection {
     /// Updates needed for a round to count, and sites needed to open one.
     pub min_sites: usize,
-    /// Stop after this many completed rounds; absent: train until stopped.
+    /// Sites asked per round, drawn at random from those connected; absent: all of them.
+    pub cohort_size: Option<usize>,
+    /// Seed of the cohort draw.
+    pub cohort_seed: u64,
+    /// Stop once the lineage has this many completed rounds (rounds before a
+    /// restart count); absent: train until stopped.
     pub max_rounds: Option<u64>,
     /// Seconds sites have to send updates.
     pub train_timeout_secs: f64,
@@ -212,6 +266,8 @@ impl Default for RoundsSection {
         let d = RoundConfig::default();
         Self {
             min_sites: d.min_sites,
+            cohort_size: d.cohort_size,
+            cohort_seed: d.cohort_seed,
             max_rounds: d.max_rounds,
             train_timeout_secs: d.train_timeout.as_secs_f64(),
             eval_timeout_secs: d.eval_timeout.as_secs_f64(),
@@ -338,6 +394,13 @@ impl CoordinatorConfig {
         if r.min_sites == 0 {
             return Err("rounds.min_sites must be at least 1".into());
         }
+        if let Some(size) = r.cohort_size.filter(|s| *s < r.min_sites) {
+            return Err(format!(
+                "rounds.cohort_size ({size}) must be at least rounds.min_sites ({})",
+                r.min_sites
+            ));
+        }
+        self.schedule.schedule()?;
         let secure = !self.secagg.dangerous_disable_secure_aggregation;
         if secure && r.min_sites < potluck_shared::secagg::MIN_COHORT {
             return Err(format!(
@@ -371,6 +434,12 @@ impl CoordinatorConfig {
             return Err(format!(
                 "telemetry.listen must be a loopback address (metrics are served without \
                  authentication; scrape through an SSH tunnel or a proxy), got {addr}"
+            ));
+        }
+        if let Some(addr) = self.admin.listen.filter(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "admin.listen must be a loopback address (the API speaks plain HTTP; \
+                 reach it through an SSH tunnel or a TLS proxy), got {addr}"
             ));
         }
         self.check_privacy()
@@ -415,6 +484,11 @@ impl CoordinatorConfig {
         p.noise_multiplier(self.rounds.max_rounds).map(|_| ())
     }
 
+    /// The PKI directory made by `ca init`: the one holding the CA certificate.
+    pub fn pki_dir(&self) -> crate::pki::PkiDir {
+        crate::pki::PkiDir::new(self.tls.ca.parent().unwrap_or(Path::new(".")))
+    }
+
     /// The model's layer widths.
     pub fn model_dims(&self) -> ModelDims {
         ModelDims {
@@ -439,6 +513,8 @@ impl CoordinatorConfig {
         });
         RoundConfig {
             min_sites: r.min_sites,
+            cohort_size: r.cohort_size,
+            cohort_seed: r.cohort_seed,
             max_rounds: r.max_rounds,
             train_timeout: Duration::from_secs_f64(r.train_timeout_secs),
             eval_timeout: Duration::from_secs_f64(r.eval_timeout_secs),
@@ -469,6 +545,7 @@ impl CoordinatorConfig {
              \n\
              [rounds]\n\
              min_sites = 3\n\
+             # cohort_size = 50   # absent: every connected site joins each round\n\
              # max_rounds = 10   # absent: train until stopped\n\
              train_timeout_secs = 120\n\
              eval_timeout_secs = 30\n\
@@ -505,7 +582,17 @@ impl CoordinatorConfig {
              \n\
              # Prometheus metrics at http://LISTEN/metrics (loopback only).\n\
              [telemetry]\n\
-             listen = \"127.0.0.1:9477\"\n"
+             listen = \"127.0.0.1:9477\"\n\
+             \n\
+             # Rounds open only inside this daily window, in the franchise's time zone.\n\
+             [schedule]\n\
+             # window = \"22:00-06:00\"   # absent: any time\n\
+             time_zone = \"UTC\"\n\
+             \n\
+             # Admin API and dashboard at http://LISTEN/ (loopback only; tokens from\n\
+             # `potluck-coordinator token create`).\n\
+             [admin]\n\
+             listen = \"127.0.0.1:9478\"\n"
         )
     }
 }

@@ -7,6 +7,7 @@
 use std::fmt::Write;
 
 use potluck_shared::dp::accountant::{Accountant, Step};
+use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::secagg::Setup;
 
 use crate::CoordinatorConfig;
@@ -30,6 +31,31 @@ pub struct Facts<'a> {
 
 /// Marks what the data-protection officer must fill in or decide.
 const DPO: &str = "**[DPO]**";
+
+/// The draft for `config` (named `config_path`), with the ledger in `state`
+/// when the coordinator has run (`None`: nothing spent yet).
+pub fn draft(
+    config: &CoordinatorConfig,
+    config_path: &str,
+    state: Option<&crate::state::State>,
+) -> Result<String, String> {
+    let mut spec = ModelSpec::new(Menu::load(&config.menu).map_err(|e| e.to_string())?);
+    spec.dims = config.model_dims();
+    let spent = match state {
+        Some(state) => state
+            .privacy_steps(&config.privacy.lineage)
+            .map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    Ok(render(&Facts {
+        config_path,
+        config,
+        parameters: spec.param_count(),
+        menu_items: spec.menu.len(),
+        spent: &spent,
+        date: time::OffsetDateTime::now_utc().date().to_string(),
+    }))
+}
 
 /// The draft, in Markdown.
 pub fn render(facts: &Facts<'_>) -> String {

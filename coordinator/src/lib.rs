@@ -4,10 +4,13 @@
 //! ([`server`]) as the async driver of `potluck_shared::round::Coordinator`,
 //! and keeps model versions and metrics under its state directory ([`state`]).
 
+pub mod admin;
 pub mod config;
 pub mod dpia;
 pub mod pki;
 pub mod report;
+pub mod roles;
+pub mod schedule;
 pub mod server;
 pub mod state;
 pub mod telemetry;

@@ -8,10 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use potluck_coordinator::dpia;
 use potluck_coordinator::pki::{Enrollment, PkiDir};
 use potluck_coordinator::report::{self, RoundLine};
-use potluck_coordinator::state::StateDir;
+use potluck_coordinator::roles::Role;
+use potluck_coordinator::state::State;
 use potluck_coordinator::{CoordinatorConfig, Server};
 use potluck_shared::SiteId;
-use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::synth::{self, SynthConfig};
 use potluck_shared::tls::Validity;
 
@@ -61,6 +61,33 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Model versions: list, show, export to a file, roll back.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Sites: list them, revoke a site's certificate.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Admin API tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The coordinator's tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Stop opening rounds, or start again (a round in progress finishes).
+    #[command(subcommand)]
+    Training(TrainingCommand),
+    /// Ask the running coordinator's admin API what it is doing.
+    Status {
+        /// The coordinator's configuration file (for the admin address).
+        #[arg(long, default_value = "/etc/potluck/coordinator.toml")]
+        config: PathBuf,
+        /// A token of any role (or set POTLUCK_ADMIN_TOKEN).
+        #[arg(long, env = "POTLUCK_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Print the status as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a per-round table from metrics.jsonl and compare the final model with baselines.
     Report {
         /// The coordinator's metrics.jsonl.
@@ -72,6 +99,150 @@ enum Command {
         /// Print the comparison as one JSON object.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// Where the coordinator's configuration is; every state command takes it.
+#[derive(Debug, Args)]
+struct ConfigArg {
+    /// The coordinator's configuration file (its state_dir holds the database).
+    #[arg(long, default_value = "/etc/potluck/coordinator.toml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// List the model versions.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one version: where it came from and how it evaluated.
+    Show {
+        /// The version.
+        version: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a version to a file (the encoded `GlobalModel`, readable with
+    /// `potluck_shared::model::GlobalModel::read_file`).
+    Export {
+        /// The version.
+        version: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make an earlier version's parameters current again, as a new version,
+    /// once the round in progress ends. Audited.
+    Rollback {
+        /// The version to return to.
+        version: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SiteCommand {
+    /// Sites that have connected: last seen, rounds joined, dropouts, revoked.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse the site's certificate from its next handshake on (and close its
+    /// connection now). Re-enrol the site (`enroll --force`) to admit it again. Audited.
+    Revoke {
+        /// The site.
+        site: SiteId,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token; its secret is printed once and stored only hashed.
+    Create {
+        /// A name for the token, written to the audit log with what it changes.
+        #[arg(long)]
+        name: String,
+        /// viewer (status, rounds, sites, metrics, dashboard), auditor (also the
+        /// audit log, privacy ledger and DPIA) or operator (also stop/start,
+        /// rollback, revoke).
+        #[arg(long, value_enum)]
+        role: Role,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// List tokens (names and roles, never secrets).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a token.
+    Revoke {
+        /// Its name.
+        name: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; names the first entry edited, removed or reordered (exit 1).
+    Verify {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the last entries.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TrainingCommand {
+    /// Open no new rounds until `training start`.
+    Stop {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Open rounds again.
+    Start {
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -207,6 +378,8 @@ struct SynthArgs {
     no_sensitive: bool,
 }
 
+mod ops;
+
 fn main() -> Result<()> {
     potluck_shared::service::init_logging();
     match Cli::parse().command {
@@ -233,6 +406,16 @@ fn main() -> Result<()> {
         Command::Synth(args) => generate(args),
         Command::Privacy(command) => privacy(command),
         Command::Dpia { config, out } => dpia(&config, out.as_deref()),
+        Command::Model(command) => ops::model(command),
+        Command::Site(command) => ops::site(command),
+        Command::Token(command) => ops::token(command),
+        Command::Audit(command) => ops::audit(command),
+        Command::Training(command) => ops::training(command),
+        Command::Status {
+            config,
+            token,
+            json,
+        } => ops::status(&config, &token, json),
         Command::Report {
             metrics,
             local_only,
@@ -244,22 +427,14 @@ fn main() -> Result<()> {
 fn dpia(config_path: &Path, out: Option<&Path>) -> Result<()> {
     let config =
         CoordinatorConfig::load(config_path).context("loading the coordinator configuration")?;
-    let mut spec = ModelSpec::new(Menu::load(&config.menu)?);
-    spec.dims = config.model_dims();
     // Read the ledger if the coordinator has run; never create its state here.
-    let spent = if config.state_dir.exists() {
-        StateDir::open(&config.state_dir)?.privacy_steps(&config.privacy.lineage)?
-    } else {
-        Vec::new()
+    let state = match State::open_existing(&config.state_dir) {
+        Ok(state) => Some(state),
+        Err(potluck_coordinator::state::StateError::Missing { .. }) => None,
+        Err(e) => return Err(e.into()),
     };
-    let text = dpia::render(&dpia::Facts {
-        config_path: &config_path.display().to_string(),
-        config: &config,
-        parameters: spec.param_count(),
-        menu_items: spec.menu.len(),
-        spent: &spent,
-        date: time::OffsetDateTime::now_utc().date().to_string(),
-    });
+    let text = dpia::draft(&config, &config_path.display().to_string(), state.as_ref())
+        .map_err(anyhow::Error::msg)?;
     match out {
         Some(path) => {
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;

@@ -106,6 +106,18 @@ impl PkiDir {
         self.root.join("sites").join(format!("{site}.pem"))
     }
 
+    /// SHA-256 of the certificate last issued to `site`, if this PKI issued one.
+    pub fn issued_fingerprint(&self, site: &SiteId) -> Result<Option<String>, PkiError> {
+        let path = self.site_record(site);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let certs = tls::load_certs(&path)?;
+        Ok(certs
+            .first()
+            .map(|c| potluck_shared::audit::sha256_hex(c.as_ref())))
+    }
+
     /// Create the franchise CA and the coordinator's certificate.
     pub fn init(
         &self,

@@ -20,16 +20,20 @@ use potluck_shared::transport::{self, CloseCode, TransportError};
 use potluck_shared::wire::{CoordinatorMessage, PROTOCOL_VERSION, SiteMessage};
 use potluck_shared::{RoundId, SiteId};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use crate::admin::{self, AdminContext, Live};
 use crate::config::CoordinatorConfig;
-use crate::state::{StateDir, StateError};
+use crate::schedule::Schedule;
+use crate::state::{self, State, StateError};
 use crate::telemetry::{self, Telemetry};
 
 /// How long a new connection has to open its stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages queued for one site before it counts as too slow and is closed.
 const OUTBOX: usize = 64;
+/// How often changes made by other processes (the CLI) and the schedule are checked.
+const CONTROL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Why the coordinator cannot serve.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +48,9 @@ pub enum ServeError {
     /// State could not be read or written.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(String),
     /// The UDP socket could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -60,6 +67,7 @@ enum Input {
     Connected {
         site: SiteId,
         cert: Vec<u8>,
+        fingerprint: String,
         conn: ConnId,
         outbox: mpsc::Sender<Arc<CoordinatorMessage>>,
         connection: quinn::Connection,
@@ -78,6 +86,7 @@ enum Input {
 
 struct Peer {
     conn: ConnId,
+    fingerprint: String,
     outbox: mpsc::Sender<Arc<CoordinatorMessage>>,
     connection: quinn::Connection,
 }
@@ -99,10 +108,12 @@ pub struct RunSummary {
 #[derive(Debug)]
 pub struct Server {
     config: CoordinatorConfig,
-    state: StateDir,
+    state: State,
+    schedule: Schedule,
     endpoint: quinn::Endpoint,
     franchise: Arc<str>,
     metrics: Option<std::net::TcpListener>,
+    admin: Option<std::net::TcpListener>,
 }
 
 impl Server {
@@ -112,9 +123,11 @@ impl Server {
         let franchise: Arc<str> = tls::franchise_of(&identity.ca)?.into();
         // Fail early, naming the file, if the menu or the stored lineage is unusable.
         Menu::load(&config.menu)?;
-        let state = StateDir::open(&config.state_dir)?;
+        let mut state = State::open(&config.state_dir)?;
+        let schedule = config.schedule.schedule().map_err(ServeError::Config)?;
         let server_config = tls::server_config(identity)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+        let reset_key = state.stateless_reset_key()?;
+        let endpoint = endpoint(server_config, config.listen, &reset_key).map_err(|source| {
             ServeError::Bind {
                 addr: config.listen,
                 source,
@@ -125,12 +138,19 @@ impl Server {
             .listen
             .map(|addr| telemetry::bind(addr).map_err(|source| ServeError::Bind { addr, source }))
             .transpose()?;
+        let admin = config
+            .admin
+            .listen
+            .map(|addr| admin::bind(addr).map_err(|source| ServeError::Bind { addr, source }))
+            .transpose()?;
         Ok(Self {
             config,
             state,
+            schedule,
             endpoint,
             franchise,
             metrics,
+            admin,
         })
     }
 
@@ -144,6 +164,11 @@ impl Server {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// Where the admin API and dashboard are served, if they are.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Run rounds until `max_rounds` complete or `shutdown` completes.
     pub async fn run(
         mut self,
@@ -153,7 +178,15 @@ impl Server {
         spec.dims = self.config.model_dims();
         spec.history_decay = self.config.model.history_decay;
         let model = self.state.load_or_init(spec, self.config.model.seed)?;
+        for round in self.state.interrupt_open_rounds()? {
+            warn!(
+                round,
+                "round interrupted by the last stop; its privacy stays spent, and a new round starts from the last committed model"
+            );
+        }
+        state::export_metrics(&self.state, &self.config.state_dir)?;
         let next_round = self.state.next_round()?;
+        let completed = self.state.rounds_completed()?;
         let lineage = &self.config.privacy.lineage;
         let spent = self.state.privacy_steps(lineage)?;
         // Built once: it calibrates the noise to the budget.
@@ -184,7 +217,9 @@ impl Server {
             "coordinator ready; waiting for {} sites",
             self.config.rounds.min_sites
         );
-        let coordinator = Coordinator::new(round_config, model, next_round).with_spent(&spent);
+        let coordinator = Coordinator::new(round_config, model, next_round)
+            .with_spent(&spent)
+            .with_completed(completed);
         let target = self
             .config
             .privacy
@@ -200,27 +235,60 @@ impl Server {
             }
             tokio::spawn(telemetry::serve(listener, telemetry.clone()))
         });
+        let live = Arc::new(std::sync::Mutex::new(Live {
+            franchise: self.franchise.to_string(),
+            target_epsilon: target,
+            min_sites: self.config.rounds.min_sites,
+            window: self
+                .schedule
+                .window()
+                .map(|w| format!("{w} {}", self.config.schedule.time_zone)),
+            ..Live::default()
+        }));
+        let poke = Arc::new(tokio::sync::Notify::new());
+        let admin = self.admin.take().map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "admin API and dashboard at http://{addr}/");
+            }
+            let context = AdminContext {
+                config: Arc::new(self.config.clone()),
+                telemetry: telemetry.clone(),
+                live: live.clone(),
+                poke: poke.clone(),
+            };
+            tokio::spawn(admin::serve(listener, context))
+        });
         let mut driver = Driver {
             coordinator,
-            state: self.state.clone(),
+            state: self.state,
+            state_dir: self.config.state_dir.clone(),
+            schedule: self.schedule,
+            rollback: None,
             lineage: lineage.clone(),
             peers: HashMap::new(),
             summary: RunSummary::default(),
             telemetry,
+            live,
             target,
         };
+        driver.sync_control()?;
         let (input_tx, mut inputs) = mpsc::channel(1024);
         let accept = tokio::spawn(accept_loop(
             self.endpoint.clone(),
             input_tx,
-            self.franchise.clone(),
-            self.config.limits.max_frame_bytes,
+            Handshake {
+                franchise: self.franchise.clone(),
+                max_frame: self.config.limits.max_frame_bytes,
+                state_dir: self.config.state_dir.clone(),
+            },
         ));
+        let mut control = tokio::time::interval(CONTROL_INTERVAL);
         tokio::pin!(shutdown);
         let result = loop {
             if let Err(e) = driver.flush() {
                 break Err(e);
             }
+            driver.publish();
             if driver.coordinator.is_finished() {
                 break Ok(());
             }
@@ -233,11 +301,13 @@ impl Server {
                 () = &mut shutdown => break Ok(()),
                 Some(input) = inputs.recv() => driver.handle(input),
                 () = sleep, if timer.is_some() => driver.coordinator.handle_timeout(Instant::now()),
+                () = poke.notified() => if let Err(e) = driver.sync_control() { break Err(e) },
+                _ = control.tick() => if let Err(e) = driver.sync_control() { break Err(e) },
             }
         };
         accept.abort();
-        if let Some(metrics) = metrics {
-            metrics.abort();
+        for task in [metrics, admin].into_iter().flatten() {
+            task.abort();
         }
         // Dropping the outboxes lets each writer send what is queued (the final
         // model) and finish its stream; agents then close their side.
@@ -253,17 +323,53 @@ impl Server {
     }
 }
 
+/// The QUIC endpoint, with stateless reset tokens and connection-ID checks
+/// keyed by `reset_key`, so that after a restart it recognises the previous
+/// run's connection IDs and resets those connections.
+fn endpoint(
+    server_config: quinn::ServerConfig,
+    listen: SocketAddr,
+    reset_key: &[u8; 32],
+) -> std::io::Result<quinn::Endpoint> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    let cid_key = u64::from_be_bytes(
+        ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key),
+            b"potluck connection ids",
+        )
+        .as_ref()[..8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let socket = std::net::UdpSocket::bind(listen)?;
+    quinn::Endpoint::new(
+        config,
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
 fn far_future() -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(86_400)
 }
 
 struct Driver {
     coordinator: Coordinator,
-    state: StateDir,
+    state: State,
+    state_dir: std::path::PathBuf,
+    schedule: Schedule,
+    /// The rollback request handed to the round machine, not yet applied.
+    rollback: Option<i64>,
     lineage: String,
     peers: HashMap<SiteId, Peer>,
     summary: RunSummary,
     telemetry: Arc<Telemetry>,
+    live: Arc<std::sync::Mutex<Live>>,
     /// The privacy budget, when differential privacy is on.
     target: Option<f64>,
 }
@@ -274,20 +380,97 @@ impl Driver {
         self.telemetry.set_connected(self.peers.len());
     }
 
+    /// Act on what operators changed in the database (here or through the
+    /// CLI) and on the schedule: pause, rollback, revoked certificates.
+    fn sync_control(&mut self) -> Result<(), ServeError> {
+        let now = Instant::now();
+        let stopped = self.state.training_stopped()?;
+        let paused = stopped || !self.schedule.open_at(jiff::Timestamp::now());
+        if paused != self.coordinator.is_paused() {
+            info!(
+                paused,
+                stopped_by_operator = stopped,
+                "training {}",
+                if paused { "paused" } else { "resumed" }
+            );
+            self.coordinator.set_paused(paused, now);
+        }
+        if let Some(request) = self.state.pending_rollback()?
+            && self.rollback != Some(request.id)
+        {
+            let Some(model) = self.state.model(request.target)? else {
+                return Err(ServeError::State(StateError::Refused(format!(
+                    "rollback to model version {} which is not stored",
+                    request.target
+                ))));
+            };
+            info!(
+                to = request.target,
+                "rollback requested; applied once no round is in progress"
+            );
+            self.rollback = Some(request.id);
+            self.coordinator.rollback(model.version, model.params, now);
+        }
+        let revoked: Vec<SiteId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| self.state.is_revoked(&p.fingerprint).unwrap_or(false))
+            .map(|(site, _)| site.clone())
+            .collect();
+        for site in revoked {
+            warn!(%site, "certificate revoked; closing the site's connection");
+            self.drop_peer(&site, CloseCode::Unauthorized, "certificate revoked", now);
+        }
+        Ok(())
+    }
+
+    /// Share what the driver is doing with the admin API.
+    fn publish(&self) {
+        let c = &self.coordinator;
+        let training = if c.is_finished() {
+            "finished"
+        } else if self.state.training_stopped().unwrap_or(false) {
+            "stopped"
+        } else if c.is_paused() {
+            "waiting for window"
+        } else {
+            "running"
+        };
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.model_version = c.model().version.0;
+        live.current_round = c.current_round().map(|r| r.0);
+        let phase = c.phase().map(str::to_string);
+        if phase != live.phase
+            && let (Some(round), Some(phase)) = (c.current_round(), &phase)
+        {
+            debug!(%round, %phase, "round phase");
+        }
+        live.phase = phase;
+        live.connected = self.peers.keys().map(ToString::to_string).collect();
+        live.connected.sort();
+        live.training = training.into();
+        live.epsilon_spent = c.epsilon_spent();
+    }
+
     fn on_input(&mut self, input: Input) {
         let now = Instant::now();
         match input {
             Input::Connected {
                 site,
                 cert,
+                fingerprint,
                 conn,
                 outbox,
                 connection,
             } => {
+                if let Err(e) = self.state.site_seen(&site, &fingerprint) {
+                    warn!(%site, error = %e, "could not record the site's connection");
+                }
                 if let Some(old) = self.peers.insert(
                     site.clone(),
                     Peer {
                         conn,
+                        fingerprint,
                         outbox,
                         connection,
                     },
@@ -362,13 +545,21 @@ impl Driver {
                 cohort,
                 secure,
             } => {
-                self.state.round_opened(round)?;
+                self.state.round_opened(round, model_version, &cohort)?;
                 info!(%round, %model_version, sites = cohort.len(), secure_aggregation = secure, "round opened");
                 if !secure {
                     warn!(%round, "secure aggregation is OFF (dangerous_disable_secure_aggregation): this coordinator sees every site's update");
                 }
             }
-            CoordinatorEvent::ModelCommitted(model) => self.state.save_model(&model)?,
+            CoordinatorEvent::ModelCommitted(model) => {
+                let round = self.coordinator.current_round();
+                self.state.commit_model(&model, round)?;
+            }
+            CoordinatorEvent::ModelRolledBack { from, model } => {
+                self.state.commit_rollback(&model, from)?;
+                self.rollback = None;
+                warn!(%from, version = %model.version, "model rolled back: the next round trains from version {from}'s parameters");
+            }
             CoordinatorEvent::RoundCompleted(summary) => {
                 self.summary.rounds_completed += 1;
                 self.telemetry.round_completed(&summary);
@@ -376,7 +567,9 @@ impl Driver {
                     self.telemetry.privacy(p.epsilon, target);
                 }
                 info!("{}", describe(&summary));
-                self.state.append_metrics(&metrics_line(&summary))?;
+                let line = metrics_line(&summary);
+                self.state.round_completed(&summary, &line)?;
+                state::append_metrics(&self.state_dir, &line)?;
             }
             CoordinatorEvent::RoundAbandoned {
                 round,
@@ -385,6 +578,7 @@ impl Driver {
             } => {
                 self.summary.rounds_abandoned += 1;
                 self.telemetry.round_abandoned();
+                self.state.round_abandoned(round, &reason)?;
                 warn!(%round, received, %reason, "round abandoned; it will be retried");
             }
             CoordinatorEvent::SiteDeclined {
@@ -492,37 +686,51 @@ fn describe(s: &RoundSummary) -> String {
     )
 }
 
-async fn accept_loop(
-    endpoint: quinn::Endpoint,
-    inputs: mpsc::Sender<Input>,
+/// What every connection's handshake needs.
+#[derive(Debug, Clone)]
+struct Handshake {
     franchise: Arc<str>,
     max_frame: usize,
-) {
+    /// Read at each handshake, so a revocation made by another process counts at once.
+    state_dir: std::path::PathBuf,
+}
+
+impl Handshake {
+    /// Whether the certificate is revoked; an unreadable database refuses (fails closed).
+    async fn revoked(&self, fingerprint: &str) -> Result<bool, String> {
+        let dir = self.state_dir.clone();
+        let fingerprint = fingerprint.to_string();
+        tokio::task::spawn_blocking(move || State::open_existing(&dir)?.is_revoked(&fingerprint))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot check revocations: {e}"))
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, inputs: mpsc::Sender<Input>, handshake: Handshake) {
     let mut next_conn: ConnId = 0;
     while let Some(incoming) = endpoint.accept().await {
         next_conn += 1;
         let conn = next_conn;
         let inputs = inputs.clone();
-        let franchise = franchise.clone();
+        let handshake = handshake.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            if let Err(reason) =
-                serve_connection(incoming, conn, inputs, &franchise, max_frame).await
-            {
+            if let Err(reason) = serve_connection(incoming, conn, inputs, &handshake).await {
                 warn!(%remote, %reason, "connection refused");
             }
         });
     }
 }
 
-/// Handshake, identity, hello; then forward messages until the connection ends.
+/// Handshake, identity, revocation, hello; then forward messages until the connection ends.
 async fn serve_connection(
     incoming: quinn::Incoming,
     conn: ConnId,
     inputs: mpsc::Sender<Input>,
-    franchise: &str,
-    max_frame: usize,
+    handshake: &Handshake,
 ) -> Result<(), String> {
+    let (franchise, max_frame) = (&*handshake.franchise, handshake.max_frame);
     let connection = incoming
         .await
         .map_err(|e| format!("TLS handshake failed: {e}"))?;
@@ -535,6 +743,20 @@ async fn serve_connection(
             return Err(e.to_string());
         }
     };
+    let fingerprint = potluck_shared::audit::sha256_hex(&cert);
+    match handshake.revoked(&fingerprint).await {
+        Ok(false) => {}
+        Ok(true) => {
+            connection.close(CloseCode::Unauthorized.into(), b"certificate revoked");
+            return Err(format!(
+                "site {site}: certificate {fingerprint} is revoked; re-enrol the site to admit it"
+            ));
+        }
+        Err(reason) => {
+            connection.close(CloseCode::Unauthorized.into(), b"revocation check failed");
+            return Err(format!("site {site}: {reason}"));
+        }
+    }
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
         .await
         .map_err(|_| format!("site {site} opened no stream"))?
@@ -588,6 +810,7 @@ async fn serve_connection(
     let connected = Input::Connected {
         site: site.clone(),
         cert: cert.to_vec(),
+        fingerprint,
         conn,
         outbox: outbox_tx,
         connection: connection.clone(),

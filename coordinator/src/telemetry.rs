@@ -190,13 +190,13 @@ pub async fn serve(listener: std::net::TcpListener, telemetry: Arc<Telemetry>) {
     }
 }
 
+/// The media type of [`Telemetry::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
         telemetry.encode(),
     )
 }
@@ -212,6 +212,8 @@ mod tests {
             round: RoundId(1),
             model_version: ModelVersion(1),
             participants: 4,
+            cohort: Vec::new(),
+            contributors: Vec::new(),
             dropped: 1,
             train_loss: 0.0,
             eval: Default::default(),

@@ -71,7 +71,7 @@ impl Franchise {
              [rounds]\nmin_sites = {sites}\nmax_rounds = {max_rounds}\ntrain_timeout_secs = 60\n\
              eval_timeout_secs = 30\nretry_delay_secs = 0.5\n\
              [model]\nembedding = 16\ncontext = 4\nhidden = 32\n\
-             [telemetry]\nlisten = \"127.0.0.1:0\"\n{extra}\n"
+             [telemetry]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}\n"
         );
         let config_path = root.join("coordinator.toml");
         std::fs::write(&config_path, coordinator_config)?;
@@ -118,6 +118,13 @@ impl Franchise {
     /// The state directory of the coordinator.
     pub fn state_dir(&self) -> &Path {
         &self.coordinator.state_dir
+    }
+
+    /// The coordinator's database (it must have run).
+    pub fn state(&self) -> anyhow::Result<potluck_coordinator::state::State> {
+        Ok(potluck_coordinator::state::State::open_existing(
+            self.state_dir(),
+        )?)
     }
 
     /// An agent config for site `i`, pointed at `coordinator`.
@@ -172,6 +179,8 @@ pub struct RunningCoordinator {
     pub addr: SocketAddr,
     /// Where it serves `/metrics`.
     pub metrics: Option<SocketAddr>,
+    /// Where it serves the admin API and dashboard.
+    pub admin: Option<SocketAddr>,
     /// Completes when it stops.
     pub task: JoinHandle<Result<RunSummary, potluck_coordinator::ServeError>>,
     stop: watch::Sender<bool>,
@@ -183,6 +192,7 @@ impl RunningCoordinator {
         let server = Server::bind(config)?;
         let addr = server.local_addr()?;
         let metrics = server.metrics_addr();
+        let admin = server.admin_addr();
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(server.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -190,6 +200,7 @@ impl RunningCoordinator {
         Ok(Self {
             addr,
             metrics,
+            admin,
             task,
             stop,
         })

@@ -42,8 +42,7 @@ async fn training_stops_before_the_round_that_would_exceed_the_target() -> anyho
         "ε {last}"
     );
     // The coordinator's ledger holds every round, written before the round was sent.
-    let ledger = std::fs::read_to_string(f.state_dir().join("privacy.jsonl"))?;
-    assert_eq!(ledger.lines().count(), 3);
+    assert_eq!(f.state()?.ledger()?.len(), 3);
     Ok(())
 }
 
@@ -65,8 +64,7 @@ async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyh
     let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
     let agents = RunningAgents::start(limited(&f, coordinator.addr, site_max)?)?;
     // Wait for the fresh coordinator to open a round, then for the sites' answers.
-    let ledger = f.state_dir().join("privacy.jsonl");
-    while !ledger.exists() {
+    while f.state().map_or(0, |s| s.ledger().map_or(0, |l| l.len())) == 0 {
         assert!(
             !coordinator.task.is_finished(),
             "the coordinator stopped early"

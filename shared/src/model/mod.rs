@@ -236,10 +236,66 @@ pub enum ModelError {
     },
 }
 
+/// The first bytes of a model file.
+const FILE_MAGIC: &[u8] = b"potluck-model-v1\n";
+
+/// Why a model file cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelFileError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a usable model.
+    #[error("{path}: not a Potluck model file: {reason}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
 impl GlobalModel {
     /// Check that the parameters fit the spec and are finite.
     pub fn validate(&self) -> Result<(), ModelError> {
         check_vector(&self.params, self.spec.param_count())
+    }
+
+    /// Write the model to `path`: a magic line, then the wire encoding (menu,
+    /// architecture, version and parameters).
+    pub fn write_file(&self, path: &std::path::Path) -> Result<(), ModelFileError> {
+        let name = path.display().to_string();
+        let encoded = crate::wire::codec::encode(self).map_err(|e| ModelFileError::Invalid {
+            path: name.clone(),
+            reason: e.to_string(),
+        })?;
+        let bytes = [FILE_MAGIC, &encoded].concat();
+        std::fs::write(path, bytes).map_err(|source| ModelFileError::Io { path: name, source })
+    }
+
+    /// Read and validate a file written by [`Self::write_file`].
+    pub fn read_file(path: &std::path::Path) -> Result<Self, ModelFileError> {
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| ModelFileError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let invalid = |reason: String| ModelFileError::Invalid {
+            path: name.clone(),
+            reason,
+        };
+        let body = bytes
+            .strip_prefix(FILE_MAGIC)
+            .ok_or_else(|| invalid("it does not start with the model file header".into()))?;
+        let model: Self = crate::wire::codec::decode(body).map_err(|e| invalid(e.to_string()))?;
+        model.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(model)
     }
 }
 

@@ -16,7 +16,13 @@ use crate::wire::{
 pub struct RoundConfig {
     /// Updates needed for a round to produce a model; also the sites needed to open one.
     pub min_sites: usize,
-    /// Stop after this many completed rounds (`None`: train until stopped).
+    /// Sites asked per round; `None`: every connected site. When more are
+    /// connected, a cohort is drawn uniformly by [`cohort`] from `cohort_seed`.
+    pub cohort_size: Option<usize>,
+    /// Seed of the cohort draw, so a round's cohort can be recomputed.
+    pub cohort_seed: u64,
+    /// Stop once the lineage has this many completed rounds, counting those
+    /// before a restart (`None`: train until stopped).
     pub max_rounds: Option<u64>,
     /// How long sites have to send their updates.
     pub train_timeout: Duration,
@@ -68,6 +74,8 @@ impl Default for RoundConfig {
     fn default() -> Self {
         Self {
             min_sites: 3,
+            cohort_size: None,
+            cohort_seed: 0,
             max_rounds: None,
             train_timeout: Duration::from_secs(120),
             eval_timeout: Duration::from_secs(30),
@@ -110,8 +118,16 @@ pub enum CoordinatorEvent {
     },
     /// A new model version exists; persist it before sending anything.
     ModelCommitted(Arc<GlobalModel>),
+    /// A rollback was applied: `model` is a new version carrying the parameters
+    /// of version `from`. Persist it before sending anything.
+    ModelRolledBack {
+        /// The version whose parameters were restored.
+        from: ModelVersion,
+        /// The new current version.
+        model: Arc<GlobalModel>,
+    },
     /// A round finished with a new model, evaluated.
-    RoundCompleted(RoundSummary),
+    RoundCompleted(Box<RoundSummary>),
     /// A round ended without a new model.
     RoundAbandoned {
         /// The round.
@@ -179,6 +195,10 @@ pub struct RoundSummary {
     pub model_version: ModelVersion,
     /// Sites whose updates were averaged.
     pub participants: usize,
+    /// The sites asked to train.
+    pub cohort: Vec<SiteId>,
+    /// The sites whose updates are in the new model.
+    pub contributors: Vec<SiteId>,
     /// Cohort members that dropped or declined.
     pub dropped: usize,
     /// Mean of the participants' training losses.
@@ -242,8 +262,10 @@ enum Phase {
 #[derive(Debug)]
 struct Training {
     round: RoundId,
-    cohort: usize,
+    cohort: BTreeSet<SiteId>,
     pending: BTreeSet<SiteId>,
+    /// Sites whose plain updates were summed (secure rounds learn this at the end).
+    contributors: Vec<SiteId>,
     dropped: usize,
     sum: Vec<f64>,
     received: usize,
@@ -289,6 +311,10 @@ pub struct Coordinator {
     gather_until: Option<Instant>,
     certs: std::collections::BTreeMap<SiteId, Vec<u8>>,
     spent: Accountant,
+    /// No new round opens while paused (an operator's stop, or outside the schedule).
+    paused: bool,
+    /// A rollback waiting for the current round to end: the version and its parameters.
+    rollback: Option<(ModelVersion, Vec<f32>)>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<CoordinatorEvent>,
 }
@@ -310,6 +336,8 @@ impl Coordinator {
             gather_until: None,
             certs: std::collections::BTreeMap::new(),
             spent: Accountant::default(),
+            paused: false,
+            rollback: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -319,6 +347,16 @@ impl Coordinator {
     pub fn with_spent(mut self, steps: &[Step]) -> Self {
         for step in steps {
             self.spent.compose(step, 1);
+        }
+        self
+    }
+
+    /// Rounds of this lineage already completed (from durable state), counted
+    /// against `max_rounds`.
+    pub fn with_completed(mut self, completed: u64) -> Self {
+        self.completed = completed;
+        if self.config.max_rounds.is_some_and(|max| completed >= max) {
+            self.phase = Phase::Finished;
         }
         self
     }
@@ -350,9 +388,44 @@ impl Coordinator {
         }
     }
 
+    /// The phase of the round in progress: a secure aggregation phase,
+    /// `training` (plain rounds) or `evaluating`.
+    pub fn phase(&self) -> Option<&'static str> {
+        match &self.phase {
+            Phase::Training(t) => Some(t.secagg.as_ref().map_or("training", |s| s.phase)),
+            Phase::Evaluating(_) => Some("evaluating"),
+            Phase::Idle | Phase::Finished => None,
+        }
+    }
+
     /// Whether `max_rounds` rounds have completed.
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
+    }
+
+    /// Whether new rounds are held back.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    // ---- control ----
+
+    /// Hold back new rounds (`true`) or let them open again. A round in
+    /// progress is not interrupted.
+    pub fn set_paused(&mut self, paused: bool, now: Instant) {
+        self.paused = paused;
+        self.try_open(now);
+    }
+
+    /// Make the parameters of the earlier version `from` current again, as a new
+    /// version, once no round is in progress (at once if none is). A new version
+    /// rather than the old number, so versions only grow and sites never see one twice.
+    pub fn rollback(&mut self, from: ModelVersion, params: Vec<f32>, now: Instant) {
+        self.rollback = Some((from, params));
+        if matches!(self.phase, Phase::Finished) {
+            self.apply_rollback();
+        }
+        self.try_open(now);
     }
 
     // ---- inputs ----
@@ -500,6 +573,7 @@ impl Coordinator {
         }
         check_vector(&update.delta, expected_len)?;
         t.pending.remove(site);
+        t.contributors.push(site.clone());
         for (acc, v) in t.sum.iter_mut().zip(&update.delta) {
             *acc += f64::from(*v);
         }
@@ -618,6 +692,8 @@ impl Coordinator {
         match secure.server.poll_outcome() {
             Some(Outcome::Completed { sum, contributors }) => {
                 t.received = contributors.len();
+                t.dropped = t.cohort.len() - contributors.len();
+                t.contributors = contributors;
                 if let Some((privacy, _, units)) = &mut t.privacy {
                     // The average is over the noisy number of customers; no loss is revealed.
                     let (mean, count) = privacy.mean_update(sum);
@@ -629,7 +705,6 @@ impl Coordinator {
                     t.sum = delta;
                     t.loss_sum = loss;
                 }
-                t.dropped = t.cohort - contributors.len();
                 self.close_training(now);
             }
             Some(Outcome::Aborted { reason }) => {
@@ -747,7 +822,30 @@ impl Coordinator {
         self.try_open(now);
     }
 
+    fn apply_rollback(&mut self) {
+        let Some((from, params)) = self.rollback.take() else {
+            return;
+        };
+        let model = Arc::new(GlobalModel {
+            version: self.model.version.next(),
+            spec: self.model.spec.clone(),
+            params,
+        });
+        self.model = model.clone();
+        self.events.push_back(CoordinatorEvent::ModelRolledBack {
+            from,
+            model: model.clone(),
+        });
+        self.broadcast(CoordinatorMessage::Model(model));
+    }
+
     fn try_open(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Idle) {
+            self.apply_rollback();
+        }
+        if self.paused {
+            return;
+        }
         if self.connected.len() < self.config.min_sites.max(1) {
             self.gather_until = None;
             return;
@@ -766,7 +864,10 @@ impl Coordinator {
             self.gather_until = None;
         }
         let round = self.next_round;
-        let cohort: BTreeSet<SiteId> = self.connected.clone();
+        let cohort = match self.config.cohort_size {
+            Some(size) => cohort(&self.connected, size, self.config.cohort_seed, round),
+            None => self.connected.clone(),
+        };
         let mut privacy = None;
         let (setup, server) = if self.config.secure_aggregation {
             let certs = cohort
@@ -836,8 +937,9 @@ impl Coordinator {
         };
         self.phase = Phase::Training(Training {
             round,
-            cohort: cohort.len(),
+            cohort: cohort.clone(),
             pending: cohort,
+            contributors: Vec::new(),
             dropped: 0,
             // In a secure round the sum arrives whole from the secure aggregation server.
             sum: if secagg.is_some() {
@@ -905,6 +1007,8 @@ impl Coordinator {
                 round: t.round,
                 model_version: model.version,
                 participants: t.received,
+                cohort: t.cohort.into_iter().collect(),
+                contributors: t.contributors,
                 dropped,
                 train_loss: t.loss_sum / t.received as f64,
                 eval: EvalCounts::default(),
@@ -935,7 +1039,7 @@ impl Coordinator {
         };
         e.summary.duration = now.saturating_duration_since(e.opened);
         self.events
-            .push_back(CoordinatorEvent::RoundCompleted(e.summary));
+            .push_back(CoordinatorEvent::RoundCompleted(Box::new(e.summary)));
         self.completed += 1;
         if self
             .config
@@ -946,4 +1050,33 @@ impl Coordinator {
             self.events.push_back(CoordinatorEvent::TrainingFinished);
         }
     }
+}
+
+/// The cohort of `round`: the `size` connected sites whose SHA-256 of
+/// (`seed`, round, site) is smallest, a uniform draw that anyone holding the
+/// seed can recompute; every site when `size` covers them all.
+pub fn cohort(
+    connected: &BTreeSet<SiteId>,
+    size: usize,
+    seed: u64,
+    round: RoundId,
+) -> BTreeSet<SiteId> {
+    use sha2::{Digest, Sha256};
+    let mut ranked: Vec<([u8; 32], &SiteId)> = connected
+        .iter()
+        .map(|site| {
+            let mut hash = Sha256::new();
+            hash.update(b"potluck-cohort-v1");
+            hash.update(seed.to_be_bytes());
+            hash.update(round.0.to_be_bytes());
+            hash.update(site.as_str().as_bytes());
+            (hash.finalize().into(), site)
+        })
+        .collect();
+    ranked.sort();
+    ranked
+        .into_iter()
+        .take(size.max(1))
+        .map(|(_, site)| site.clone())
+        .collect()
 }

@@ -27,7 +27,7 @@ mod site;
 
 pub use coordinator::{
     Coordinator, CoordinatorEvent, PrivacyPolicy, PrivacySummary, RoundConfig, RoundSummary,
-    Transmit, Violation,
+    Transmit, Violation, cohort,
 };
 pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step};
 

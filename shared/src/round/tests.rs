@@ -189,7 +189,7 @@ impl Harness {
         self.events
             .iter()
             .filter_map(|e| match e {
-                CoordinatorEvent::RoundCompleted(s) => Some(s),
+                CoordinatorEvent::RoundCompleted(s) => Some(&**s),
                 _ => None,
             })
             .collect()
@@ -679,4 +679,110 @@ fn a_restarted_coordinator_continues_the_ledger_it_recorded() {
         second.completed().len() as u64,
         rounds_within(target, steps.len() as u64)
     );
+}
+
+#[test]
+fn a_paused_coordinator_opens_no_round_until_resumed() {
+    let mut h = Harness::new(0, config(3, 1));
+    h.coordinator.set_paused(true, h.now);
+    for i in 0..3 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    h.advance(Duration::from_secs(3600));
+    assert!(h.completed().is_empty(), "no round opens while paused");
+    h.coordinator.set_paused(false, h.now);
+    h.pump();
+    assert_eq!(h.completed().len(), 1);
+}
+
+#[test]
+fn a_rollback_waits_for_the_round_then_the_next_round_trains_from_it() {
+    let mut h = Harness::new(2, config(3, 1));
+    h.connect(site(2), Behaviour::Silent);
+    assert_eq!(h.coordinator.current_round(), Some(RoundId(1)));
+    let restored = vec![0.5; h.coordinator.model().params.len()];
+    h.coordinator
+        .rollback(ModelVersion(0), restored.clone(), h.now);
+    h.pump();
+    assert_eq!(
+        h.coordinator.model().version,
+        ModelVersion(0),
+        "a round in progress is not disturbed"
+    );
+    // The silent site leaves; the round is abandoned, and the rollback applies.
+    h.disconnect(&site(2));
+    let rolled: Vec<_> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::ModelRolledBack { from, model } => Some((*from, model.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rolled.len(), 1);
+    assert_eq!(rolled[0].0, ModelVersion(0));
+    assert_eq!(rolled[0].1.version, ModelVersion(1), "a new version number");
+    assert_eq!(rolled[0].1.params, restored);
+    assert_eq!(
+        h.sites[&site(0)].0.model().unwrap().version,
+        ModelVersion(1)
+    );
+    // The next round trains from the restored parameters: deltas 1, 2, 6 average to 3.
+    h.connect(site(5), Behaviour::Honest);
+    h.advance(RoundConfig::default().retry_delay);
+    let done = h.completed();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].model_version, ModelVersion(2));
+    for p in &h.coordinator.model().params {
+        assert!((p - 3.5).abs() < 1e-4, "{p}");
+    }
+}
+
+#[test]
+fn cohorts_are_drawn_from_the_connected_sites_and_reproducible() {
+    let connected: std::collections::BTreeSet<SiteId> = (0..10).map(site).collect();
+    let a = cohort(&connected, 4, 7, RoundId(1));
+    assert_eq!(a.len(), 4);
+    assert!(a.is_subset(&connected));
+    assert_eq!(
+        a,
+        cohort(&connected, 4, 7, RoundId(1)),
+        "same seed, same draw"
+    );
+    let draws: std::collections::BTreeSet<_> = (1..20)
+        .map(|r| cohort(&connected, 4, 7, RoundId(r)))
+        .collect();
+    assert!(draws.len() > 10, "rounds draw different cohorts");
+    assert_eq!(cohort(&connected, 20, 7, RoundId(1)), connected);
+
+    let mut h = Harness::new(
+        0,
+        RoundConfig {
+            cohort_size: Some(3),
+            ..config(3, 2)
+        },
+    );
+    for i in 0..5 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    let done = h.completed();
+    assert_eq!(done.len(), 2);
+    for round in done {
+        assert_eq!(round.cohort.len(), 3);
+        assert_eq!(round.contributors, round.cohort);
+    }
+}
+
+#[test]
+fn rounds_completed_before_a_restart_count_against_max_rounds() {
+    let spec = ModelSpec::new(small_menu(4));
+    let model = GlobalModel {
+        version: ModelVersion(4),
+        params: spec.initial_params(1),
+        spec,
+    };
+    let done = Coordinator::new(config(3, 4), model.clone(), RoundId(5)).with_completed(4);
+    assert!(done.is_finished());
+    let more = Coordinator::new(config(3, 5), model, RoundId(5)).with_completed(4);
+    assert!(!more.is_finished());
 }
