@@ -8,7 +8,7 @@ set -euo pipefail
 usage() {
   cat <<'TXT'
 Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--port P] [--api-port P]
-                      [--epsilon E | --no-privacy] [--skip-local-only] [--release]
+                      [--admin-port P] [--epsilon E | --no-privacy] [--skip-local-only] [--release]
                       [--dangerous-disable-secure-aggregation]
 
   --out DIR    where everything is written (default ./demo-run; replaced if it exists)
@@ -26,6 +26,7 @@ Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--p
   --port P     the coordinator's UDP port on 127.0.0.1 (default 7443)
   --api-port P the first site's till API port on 127.0.0.1 (default 8477; the
                next sites take the following ports)
+  --admin-port P  the coordinator's admin API and dashboard on 127.0.0.1 (default 9478)
   --release    build optimised binaries (slower first build, faster rounds)
   --dangerous-disable-secure-aggregation
                combine updates in the clear (for comparison only: the
@@ -47,6 +48,7 @@ SERVER_LR=
 EPOCHS=2
 PORT=7443
 API_BASE=8477
+ADMIN_PORT=9478
 PROFILE=debug
 CARGO_FLAGS=()
 INSECURE=false
@@ -63,6 +65,7 @@ while [ $# -gt 0 ]; do
     --local-epochs) EPOCHS="$2"; shift 2 ;;
     --port) PORT="$2"; shift 2 ;;
     --api-port) API_BASE="$2"; shift 2 ;;
+    --admin-port) ADMIN_PORT="$2"; shift 2 ;;
     --release) PROFILE=release; CARGO_FLAGS=(--release); shift ;;
     --dangerous-disable-secure-aggregation) INSECURE=true; PRIVACY=false; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -129,6 +132,10 @@ enabled = $PRIVACY
 target_epsilon = $EPSILON
 delta = 1e-6
 planned_rounds = $ROUNDS
+
+# The admin API and dashboard (loopback only).
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
 TOML
 if [ "$PRIVACY" = true ]; then
   echo "==> privacy budget: epsilon $EPSILON at delta 1e-6 per customer, over $ROUNDS rounds"
@@ -152,7 +159,9 @@ for site in "${SITE_IDS[@]}"; do
   "$AGENT" import --config "$OUT/sites/$site/agent.toml" "$OUT/data/$site.csv"
 done
 
+VIEWER=$("$COORD" token create --config "$OUT/coordinator.toml" --name demo-viewer --role viewer 2>/dev/null)
 echo "==> starting the coordinator and $SITES agents ($ROUNDS rounds)"
+echo "    dashboard while it trains: http://127.0.0.1:$ADMIN_PORT/#token=$VIEWER"
 "$COORD" serve --config "$OUT/coordinator.toml" 2>"$OUT/logs/coordinator.log" &
 COORD_PID=$!
 PIDS+=("$COORD_PID")
@@ -203,5 +212,10 @@ echo "==> what $FIRST's till would suggest to customer $CUSTOMER (potluck-agent 
 
 echo
 "$COORD" report --metrics "$OUT/coordinator/metrics.jsonl" "${REPORT_FLAGS[@]}"
+echo
+echo "==> the coordinator's model registry, sites and audit log"
+"$COORD" model list --config "$OUT/coordinator.toml"
+"$COORD" site list --config "$OUT/coordinator.toml"
+"$COORD" audit verify --config "$OUT/coordinator.toml"
 echo
 echo "Everything is in $OUT (metrics: $OUT/coordinator/metrics.jsonl, logs: $OUT/logs/)."

@@ -189,11 +189,15 @@ pub fn site(command: SiteCommand) -> Result<()> {
 pub fn token(command: TokenCommand) -> Result<()> {
     match command {
         TokenCommand::Create { name, role, config } => {
-            let (_, mut state) = open(&config.config)?;
+            // Tokens may be made before the coordinator's first start.
+            let config = CoordinatorConfig::load(&config.config)
+                .context("loading the coordinator configuration")?;
+            let mut state = State::open(&config.state_dir)?;
             let secret = state.create_token(&name, role)?;
             println!("{secret}");
             eprintln!(
-                "created {role} token {name:?}; it is shown only now (the coordinator keeps its hash)"
+                "created {role} token {name:?} in {}; it is shown only now (the coordinator keeps its hash)",
+                state.path().display()
             );
             Ok(())
         }

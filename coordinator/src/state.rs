@@ -251,8 +251,20 @@ pub struct State {
 impl State {
     /// Open the state in `dir`, creating it (mode 0700) and the database as needed.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(DB_FILE);
+        // An earlier version kept files here; starting afresh beside them would
+        // silently forget their privacy ledger.
+        for old in ["privacy.jsonl", "models"] {
+            if !path.exists() && dir.join(old).exists() {
+                return Err(StateError::Refused(format!(
+                    "{}: state from an earlier Potluck version ({old}), which this version does not \
+                     read; keep it for the record and use a new state_dir (a new lineage)",
+                    dir.display()
+                )));
+            }
+        }
         create_private_dir(dir)?;
-        Self::connect(&dir.join(DB_FILE))
+        Self::connect(&path)
     }
 
     /// Open existing state, for commands that read or change it beside a
@@ -1171,6 +1183,18 @@ mod tests {
             RoundId(4),
             "a round charged but never recorded as opened is not reused"
         );
+    }
+
+    #[test]
+    fn state_from_an_earlier_version_is_refused_not_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("privacy.jsonl"), "{}\n").unwrap();
+        let err = State::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("privacy.jsonl") && err.contains("new state_dir"),
+            "{err}"
+        );
+        assert!(!dir.path().join(DB_FILE).exists());
     }
 
     #[test]

@@ -27,7 +27,10 @@ async fn resident_memory_stays_flat_over_hundreds_of_rounds() {
     );
     let agents = f.agents();
     let coordinator = f.start();
-    let state = wait_for(Duration::from_secs(60), Duration::from_millis(50), || f.state()).await;
+    let state = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {
+        f.state()
+    })
+    .await;
     let mut samples = Vec::new();
     let mut next = WARM_UP;
     while next < ROUNDS {

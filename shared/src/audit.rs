@@ -227,9 +227,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-/// Now, as an entry's time: RFC 3339 UTC.
+/// Now, as an entry's time: RFC 3339 UTC, to the second (the sequence orders entries).
 pub fn timestamp() -> String {
-    time::OffsetDateTime::now_utc()
+    let now = time::OffsetDateTime::now_utc();
+    now.replace_nanosecond(0)
+        .unwrap_or(now)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }

@@ -96,7 +96,11 @@ async fn each_role_can_do_exactly_what_it_should() -> anyhow::Result<()> {
         ("GET", "/api/v1/privacy".into(), [false, true, false]),
         ("GET", "/api/v1/dpia".into(), [false, true, false]),
         ("POST", "/api/v1/training/stop".into(), [false, false, true]),
-        ("POST", "/api/v1/training/start".into(), [false, false, true]),
+        (
+            "POST",
+            "/api/v1/training/start".into(),
+            [false, false, true],
+        ),
         (
             "POST",
             "/api/v1/models/0/rollback".into(),
@@ -115,15 +119,17 @@ async fn each_role_can_do_exactly_what_it_should() -> anyhow::Result<()> {
             assert_eq!(status, expected, "{role} {method} {path}: {body}");
             if !allowed {
                 let message = body["error"].as_str().unwrap();
-                assert!(
-                    message.contains(&format!("has role {role}")),
-                    "{message}"
-                );
+                assert!(message.contains(&format!("has role {role}")), "{message}");
             }
         }
         let (status, body) = admin.call(method, path, None);
         assert_eq!(status, 401, "no token: {method} {path}");
-        assert!(body["error"].as_str().unwrap().contains("missing bearer token"));
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("missing bearer token")
+        );
         let (status, _) = admin.call(method, path, Some("potluck_not-a-token"));
         assert_eq!(status, 401, "unknown token: {method} {path}");
     }
@@ -207,7 +213,10 @@ async fn a_rollback_is_audited_and_the_next_round_trains_from_it() -> anyhow::Re
         completed,
         "nothing trained while stopped"
     );
-    assert_eq!(admin.call("POST", "/api/v1/training/start", Some(&ops)).0, 200);
+    assert_eq!(
+        admin.call("POST", "/api/v1/training/start", Some(&ops)).0,
+        200
+    );
     let summary = coordinator.finish(LIMIT).await?;
     agents.stop().await?;
     assert!(summary.rounds_completed >= 1);
