@@ -301,3 +301,37 @@ async fn a_revoked_site_is_refused_until_it_is_re_enrolled() -> anyhow::Result<(
     assert_eq!(site.rounds_joined, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_round_opens_outside_the_schedule_window() -> anyhow::Result<()> {
+    init_logging();
+    let mut f = Franchise::new(3, 20, 1)?;
+    // A one-hour window that starts two hours from now.
+    let now = time::OffsetDateTime::now_utc();
+    let at = |hours: i64| {
+        let t = now + time::Duration::hours(hours);
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    };
+    f.coordinator.schedule.window = Some(format!("{}-{}", at(2), at(3)));
+    let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
+    let admin = Admin::new(&coordinator);
+    let viewer = f.state()?.create_token("v", Role::Viewer)?;
+    let configs = (0..3)
+        .map(|i| f.agent_config(i, coordinator.addr))
+        .collect::<Result<_, _>>()?;
+    let agents = RunningAgents::start(configs)?;
+    eventually(|| {
+        let (_, status) = admin.call("GET", "/api/v1/status", Some(&viewer));
+        (status["connected"].as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    // Longer than the cohort wait: with every site connected, nothing opens.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, status) = admin.call("GET", "/api/v1/status", Some(&viewer));
+    assert_eq!(status["training"], "waiting for window", "{status}");
+    assert!(status["current_round"].is_null());
+    assert_eq!(f.state()?.rounds(None)?.len(), 0);
+    coordinator.stop().await?;
+    agents.stop().await?;
+    Ok(())
+}
