@@ -107,6 +107,9 @@ enum Command {
     /// The site's tamper-evident audit log (STATE_DIR/audit.jsonl).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The global model this site uses.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Connect to the coordinator and take part in training rounds until stopped.
     Run {
         /// The agent's configuration file.
@@ -188,6 +191,20 @@ enum SubjectCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ModelCommand {
+    /// Use a model file written by `potluck-coordinator model export` (say, a
+    /// rolled-back version while the coordinator is unreachable). The model's
+    /// menu must be the site's. The coordinator's next model replaces it. Audited.
+    Load {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// The model file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check every entry against the hash chain; name the first edited,
     /// removed or reordered entry. Exits with status 1 if the log was tampered with.
@@ -234,6 +251,7 @@ fn main() -> Result<()> {
             withdraw: _,
         } => consent(&who, grant),
         Command::Audit(AuditCommand::Verify { config, json }) => audit_verify(&config, json),
+        Command::Model(ModelCommand::Load { config, file }) => load_model(&config, &file),
         Command::Subject(command) => subject(command),
         Command::LocalOnly {
             config,
@@ -397,6 +415,37 @@ fn purge(config: &Path, json: bool) -> Result<()> {
             "no retention period set ([data] retention_days): orders are kept until erased"
         ),
     }
+    Ok(())
+}
+
+fn load_model(config: &Path, file: &Path) -> Result<()> {
+    let config = load_config(config)?;
+    let model = potluck_shared::model::GlobalModel::read_file(file)?;
+    let store = open_store(&config)?;
+    let menu = menu(&config, &store)?;
+    if menu != model.spec.menu {
+        bail!(
+            "{}: the model's menu ({} items) is not this site's menu ({} items); nothing changed",
+            file.display(),
+            model.spec.menu.len(),
+            menu.len()
+        );
+    }
+    store.save_model(&model)?;
+    AuditLog::new(&config.state_dir).append(
+        "model_loaded",
+        serde_json::json!({
+            "version": model.version.0,
+            "spec": model.spec.hash().to_string(),
+            "file": file.display().to_string(),
+        }),
+    )?;
+    println!(
+        "loaded model version {} ({} parameters) from {}; recommendations use it until the coordinator sends a newer one",
+        model.version,
+        model.params.len(),
+        file.display()
+    );
     Ok(())
 }
 

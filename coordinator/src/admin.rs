@@ -183,6 +183,19 @@ fn respond<T: Serialize>(result: Result<T, Response>) -> Response {
     }
 }
 
+/// Authorise `action`, then answer with what `work` reads from the database, as JSON.
+async fn read<T: Serialize + Send + 'static>(
+    context: &AdminContext,
+    headers: &HeaderMap,
+    action: Action,
+    work: impl FnOnce(&mut State) -> Result<T, StateError> + Send + 'static,
+) -> Response {
+    if let Err(denied) = authorise(context, headers, action).await {
+        return denied;
+    }
+    respond(with_state(context, work).await)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Limit {
@@ -241,25 +254,19 @@ async fn rounds(
     Query(limit): Query<Limit>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = authorise(&context, &headers, Action::View).await {
-        return denied;
-    }
     let limit = limit.get(200);
-    respond(with_state(&context, move |s| s.rounds(Some(limit))).await)
+    read(&context, &headers, Action::View, move |s| {
+        s.rounds(Some(limit))
+    })
+    .await
 }
 
 async fn sites(AxumState(context): AxumState<AdminContext>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorise(&context, &headers, Action::View).await {
-        return denied;
-    }
-    respond(with_state(&context, |s| s.sites()).await)
+    read(&context, &headers, Action::View, |s| s.sites()).await
 }
 
 async fn models(AxumState(context): AxumState<AdminContext>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorise(&context, &headers, Action::View).await {
-        return denied;
-    }
-    respond(with_state(&context, |s| s.models()).await)
+    read(&context, &headers, Action::View, |s| s.models()).await
 }
 
 async fn metrics(AxumState(context): AxumState<AdminContext>, headers: HeaderMap) -> Response {
@@ -279,19 +286,14 @@ async fn activity(
     Query(limit): Query<Limit>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = authorise(&context, &headers, Action::View).await {
-        return denied;
-    }
     let limit = limit.get(20);
-    respond(
-        with_state(&context, move |s| {
-            Ok(s.audit_tail(limit)?
-                .into_iter()
-                .map(|e| serde_json::json!({"seq": e.seq, "time": e.time, "event": e.event}))
-                .collect::<Vec<_>>())
-        })
-        .await,
-    )
+    read(&context, &headers, Action::View, move |s| {
+        Ok(s.audit_tail(limit)?
+            .into_iter()
+            .map(|e| serde_json::json!({"seq": e.seq, "time": e.time, "event": e.event}))
+            .collect::<Vec<_>>())
+    })
+    .await
 }
 
 async fn audit(
@@ -299,29 +301,21 @@ async fn audit(
     Query(limit): Query<Limit>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = authorise(&context, &headers, Action::Audit).await {
-        return denied;
-    }
     let limit = limit.get(100);
-    respond(
-        with_state(&context, move |s| {
-            let verified = s.verify_audit()?;
-            Ok(serde_json::json!({
-                "intact": verified.is_ok(),
-                "entries": verified.as_ref().ok(),
-                "problem": verified.as_ref().err().map(ToString::to_string),
-                "tail": s.audit_tail(limit)?,
-            }))
-        })
-        .await,
-    )
+    read(&context, &headers, Action::Audit, move |s| {
+        let verified = s.verify_audit()?;
+        Ok(serde_json::json!({
+            "intact": verified.is_ok(),
+            "entries": verified.as_ref().ok(),
+            "problem": verified.as_ref().err().map(ToString::to_string),
+            "tail": s.audit_tail(limit)?,
+        }))
+    })
+    .await
 }
 
 async fn privacy(AxumState(context): AxumState<AdminContext>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorise(&context, &headers, Action::Audit).await {
-        return denied;
-    }
-    respond(with_state(&context, |s| s.ledger()).await)
+    read(&context, &headers, Action::Audit, |s| s.ledger()).await
 }
 
 async fn dpia(AxumState(context): AxumState<AdminContext>, headers: HeaderMap) -> Response {

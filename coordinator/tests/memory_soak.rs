@@ -8,7 +8,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{Franchise, wait_for};
+use harness::{Franchise, quick_rounds, wait_for};
 
 const ROUNDS: u64 = 300;
 const WARM_UP: u64 = 50;
@@ -17,14 +17,7 @@ const BOUND_KIB: u64 = 4 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resident_memory_stays_flat_over_hundreds_of_rounds() {
-    let f = Franchise::new(
-        3,
-        20,
-        &format!(
-            "min_sites = 3\nmax_rounds = {ROUNDS}\ntrain_timeout_secs = 20\neval_timeout_secs = 10\n\
-             retry_delay_secs = 0.2\ncohort_wait_secs = 0.5"
-        ),
-    );
+    let f = Franchise::new(3, 20, &quick_rounds(ROUNDS));
     let agents = f.agents();
     let coordinator = f.start();
     let state = wait_for(Duration::from_secs(60), Duration::from_millis(50), || {

@@ -37,6 +37,14 @@ pub fn run(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A `[rounds]` table for quick rounds, `max_rounds` of them.
+pub fn quick_rounds(max_rounds: u64) -> String {
+    format!(
+        "min_sites = 3\nmax_rounds = {max_rounds}\ntrain_timeout_secs = 20\neval_timeout_secs = 10\n\
+         retry_delay_secs = 0.2\ncohort_wait_secs = 0.5"
+    )
+}
+
 /// A UDP port nothing uses right now.
 fn free_udp_port() -> u16 {
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
