@@ -351,6 +351,18 @@ impl State {
         Ok(value)
     }
 
+    /// Every row of a query, mapped.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StateError> {
+        let mut stmt = self.conn.prepare(sql).map_err(self.db())?;
+        let rows = stmt.query_map(params, map).map_err(self.db())?;
+        rows.collect::<Result<_, _>>().map_err(self.db())
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>, StateError> {
         self.conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -450,16 +462,12 @@ impl State {
 
     /// Every model version, oldest first.
     pub fn models(&self) -> Result<Vec<ModelRecord>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT version, spec_hash, parameters, created_at, round, rolled_back_from,
-                        version = (SELECT MAX(version) FROM models)
-                 FROM models ORDER BY version",
-            )
-            .map_err(self.db())?;
-        let rows = stmt
-            .query_map([], |r| {
+        self.rows(
+            "SELECT version, spec_hash, parameters, created_at, round, rolled_back_from,
+                    version = (SELECT MAX(version) FROM models)
+             FROM models ORDER BY version",
+            [],
+            |r| {
                 Ok(ModelRecord {
                     version: r.get(0)?,
                     spec_hash: r.get(1)?,
@@ -469,9 +477,8 @@ impl State {
                     rolled_back_from: r.get(5)?,
                     current: r.get(6)?,
                 })
-            })
-            .map_err(self.db())?;
-        rows.collect::<Result<_, _>>().map_err(self.db())
+            },
+        )
     }
 
     /// Commit the model a round produced.
@@ -670,15 +677,11 @@ impl State {
     pub fn rounds(&self, limit: Option<u64>) -> Result<Vec<RoundRecord>, StateError> {
         // SQLite reads a negative LIMIT as none.
         let limit = limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT round, status, opened_at, closed_at, base_version, cohort, model_version, metrics, reason
-                 FROM (SELECT * FROM rounds ORDER BY round DESC LIMIT ?1) ORDER BY round",
-            )
-            .map_err(self.db())?;
-        let rows = stmt
-            .query_map([limit], |r| {
+        self.rows(
+            "SELECT round, status, opened_at, closed_at, base_version, cohort, model_version, metrics, reason
+             FROM (SELECT * FROM rounds ORDER BY round DESC LIMIT ?1) ORDER BY round",
+            [limit],
+            |r| {
                 let cohort: String = r.get(5)?;
                 let metrics: Option<String> = r.get(7)?;
                 Ok(RoundRecord {
@@ -692,9 +695,8 @@ impl State {
                     metrics: metrics.and_then(|m| serde_json::from_str(&m).ok()),
                     reason: r.get(8)?,
                 })
-            })
-            .map_err(self.db())?;
-        rows.collect::<Result<_, _>>().map_err(self.db())
+            },
+        )
     }
 
     // ---- privacy ledger ----
@@ -719,19 +721,11 @@ impl State {
 
     /// The privacy ledger, oldest first.
     pub fn ledger(&self) -> Result<Vec<LedgerRecord>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT round, lineage, step, epsilon, recorded_at FROM privacy ORDER BY round",
-            )
-            .map_err(self.db())?;
-        let rows: Vec<(u64, String, String, f64, String)> = stmt
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })
-            .map_err(self.db())?
-            .collect::<Result<_, _>>()
-            .map_err(self.db())?;
+        let rows: Vec<(u64, String, String, f64, String)> = self.rows(
+            "SELECT round, lineage, step, epsilon, recorded_at FROM privacy ORDER BY round",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?;
         rows.into_iter()
             .map(|(round, lineage, step, epsilon, recorded_at)| {
                 let step = serde_json::from_str(&step).map_err(|e| {
@@ -775,16 +769,12 @@ impl State {
 
     /// Every site that has connected.
     pub fn sites(&self) -> Result<Vec<SiteRecord>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT site, first_seen, last_seen, fingerprint, rounds_joined, dropouts,
-                        EXISTS (SELECT 1 FROM revoked r WHERE r.fingerprint = sites.fingerprint)
-                 FROM sites ORDER BY site",
-            )
-            .map_err(self.db())?;
-        let rows = stmt
-            .query_map([], |r| {
+        self.rows(
+            "SELECT site, first_seen, last_seen, fingerprint, rounds_joined, dropouts,
+                    EXISTS (SELECT 1 FROM revoked r WHERE r.fingerprint = sites.fingerprint)
+             FROM sites ORDER BY site",
+            [],
+            |r| {
                 Ok(SiteRecord {
                     site: r.get(0)?,
                     first_seen: r.get(1)?,
@@ -794,9 +784,8 @@ impl State {
                     dropouts: r.get(5)?,
                     revoked: r.get(6)?,
                 })
-            })
-            .map_err(self.db())?;
-        rows.collect::<Result<_, _>>().map_err(self.db())
+            },
+        )
     }
 
     /// Revoke the certificates `fingerprints` of `site`. Audited; returns how many were new.
@@ -945,15 +934,11 @@ impl State {
 
     /// Every token, without secrets.
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, role, created_at FROM tokens ORDER BY name")
-            .map_err(self.db())?;
-        let rows: Vec<(String, String, String)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.db())?
-            .collect::<Result<_, _>>()
-            .map_err(self.db())?;
+        let rows: Vec<(String, String, String)> = self.rows(
+            "SELECT name, role, created_at FROM tokens ORDER BY name",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         rows.into_iter()
             .map(|(name, role, created_at)| {
                 let role = role
@@ -994,17 +979,11 @@ impl State {
 
     /// The last `limit` audit entries, oldest first, as stored (unverified).
     pub fn audit_tail(&self, limit: u64) -> Result<Vec<Entry>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare(
-                "SELECT position, entry FROM (SELECT * FROM audit ORDER BY position DESC LIMIT ?1) ORDER BY position",
-            )
-            .map_err(self.db())?;
-        let rows: Vec<(u64, String)> = stmt
-            .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.db())?
-            .collect::<Result<_, _>>()
-            .map_err(self.db())?;
+        let rows: Vec<(u64, String)> = self.rows(
+            "SELECT position, entry FROM (SELECT * FROM audit ORDER BY position DESC LIMIT ?1) ORDER BY position",
+            [limit],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         rows.into_iter()
             .map(|(position, text)| {
                 serde_json::from_str(&text)
@@ -1016,15 +995,10 @@ impl State {
     /// Check the whole audit log; returns the number of entries, or the first
     /// entry edited, removed or reordered (`line` is its position in the table).
     pub fn verify_audit(&self) -> Result<Result<u64, Tamper>, StateError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT entry FROM audit ORDER BY position")
-            .map_err(self.db())?;
-        let lines: Vec<String> = stmt
-            .query_map([], |r| r.get(0))
-            .map_err(self.db())?
-            .collect::<Result<_, _>>()
-            .map_err(self.db())?;
+        let lines: Vec<String> =
+            self.rows("SELECT entry FROM audit ORDER BY position", [], |r| {
+                r.get(0)
+            })?;
         let head = read_head(&self.conn).map_err(self.db())?;
         Ok(audit::verify(lines.iter().map(String::as_str), &head))
     }
