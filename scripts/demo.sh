@@ -162,6 +162,7 @@ done
 VIEWER=$("$COORD" token create --config "$OUT/coordinator.toml" --name demo-viewer --role viewer 2>/dev/null)
 echo "==> starting the coordinator and $SITES agents ($ROUNDS rounds)"
 echo "    dashboard while it trains: http://127.0.0.1:$ADMIN_PORT/#token=$VIEWER"
+echo "    (the coordinator stops after its last round; --rounds 200 --epsilon 8 gives time to watch)"
 "$COORD" serve --config "$OUT/coordinator.toml" 2>"$OUT/logs/coordinator.log" &
 COORD_PID=$!
 PIDS+=("$COORD_PID")
