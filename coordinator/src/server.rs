@@ -264,6 +264,7 @@ impl Server {
             state_dir: self.config.state_dir.clone(),
             schedule: self.schedule,
             rollback: None,
+            stopped: false,
             lineage: lineage.clone(),
             peers: HashMap::new(),
             summary: RunSummary::default(),
@@ -365,6 +366,8 @@ struct Driver {
     schedule: Schedule,
     /// The rollback request handed to the round machine, not yet applied.
     rollback: Option<i64>,
+    /// Whether an operator stopped training (read from the database by `sync_control`).
+    stopped: bool,
     lineage: String,
     peers: HashMap<SiteId, Peer>,
     summary: RunSummary,
@@ -385,6 +388,7 @@ impl Driver {
     fn sync_control(&mut self) -> Result<(), ServeError> {
         let now = Instant::now();
         let stopped = self.state.training_stopped()?;
+        self.stopped = stopped;
         let paused = stopped || !self.schedule.open_at(jiff::Timestamp::now());
         if paused != self.coordinator.is_paused() {
             info!(
@@ -425,11 +429,12 @@ impl Driver {
     }
 
     /// Share what the driver is doing with the admin API.
+    /// Called after every input, so it only copies what changed.
     fn publish(&self) {
         let c = &self.coordinator;
         let training = if c.is_finished() {
             "finished"
-        } else if self.state.training_stopped().unwrap_or(false) {
+        } else if self.stopped {
             "stopped"
         } else if c.is_paused() {
             "waiting for window"
@@ -438,18 +443,27 @@ impl Driver {
         };
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.model_version = c.model().version.0;
-        live.current_round = c.current_round().map(|r| r.0);
-        let phase = c.phase().map(str::to_string);
-        if phase != live.phase
-            && let (Some(round), Some(phase)) = (c.current_round(), &phase)
-        {
-            debug!(%round, %phase, "round phase");
+        let round = c.current_round().map(|r| r.0);
+        if round != live.current_round {
+            // ε changes only when a round opens.
+            live.epsilon_spent = c.epsilon_spent();
+            live.current_round = round;
         }
-        live.phase = phase;
-        live.connected = self.peers.keys().map(ToString::to_string).collect();
-        live.connected.sort();
-        live.training = training.into();
-        live.epsilon_spent = c.epsilon_spent();
+        let phase = c.phase();
+        if phase != live.phase.as_deref() {
+            if let (Some(round), Some(phase)) = (round, phase) {
+                debug!(round, %phase, "round phase");
+            }
+            live.phase = phase.map(str::to_string);
+        }
+        // One input connects or drops at most one site; revocations only drop.
+        if live.connected.len() != self.peers.len() {
+            live.connected = self.peers.keys().map(ToString::to_string).collect();
+            live.connected.sort();
+        }
+        if live.training != training {
+            live.training = training.into();
+        }
     }
 
     fn on_input(&mut self, input: Input) {
