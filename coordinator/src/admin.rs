@@ -364,20 +364,20 @@ async fn stop_training(
     AxumState(context): AxumState<AdminContext>,
     headers: HeaderMap,
 ) -> Response {
-    operate(&context, &headers, |s, by| {
-        s.set_training_stopped(true, by)?;
-        Ok(serde_json::json!({"training": "stopped"}))
-    })
-    .await
+    set_training(&context, &headers, true).await
 }
 
 async fn start_training(
     AxumState(context): AxumState<AdminContext>,
     headers: HeaderMap,
 ) -> Response {
-    operate(&context, &headers, |s, by| {
-        s.set_training_stopped(false, by)?;
-        Ok(serde_json::json!({"training": "running"}))
+    set_training(&context, &headers, false).await
+}
+
+async fn set_training(context: &AdminContext, headers: &HeaderMap, stopped: bool) -> Response {
+    operate(context, headers, move |s, by| {
+        s.set_training_stopped(stopped, by)?;
+        Ok(serde_json::json!({"training": if stopped { "stopped" } else { "running" }}))
     })
     .await
 }

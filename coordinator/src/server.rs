@@ -333,16 +333,11 @@ fn endpoint(
     reset_key: &[u8; 32],
 ) -> std::io::Result<quinn::Endpoint> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
+    let tag = ring::hmac::sign(&key, b"potluck connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    let cid_key = u64::from_be_bytes(cid_key);
     let mut config = quinn::EndpointConfig::new(Arc::new(key));
-    let cid_key = u64::from_be_bytes(
-        ring::hmac::sign(
-            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key),
-            b"potluck connection ids",
-        )
-        .as_ref()[..8]
-            .try_into()
-            .expect("8 bytes"),
-    );
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
