@@ -18,9 +18,10 @@ use potluck_shared::secagg::{PeerVerifier, SiteSigner};
 use potluck_shared::service::systemd;
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
-use potluck_shared::wire::{CoordinatorMessage, RoundTask};
+use potluck_shared::wire::{CoordinatorMessage, RoundTask, SiteMessage};
 use potluck_shared::{ModelVersion, SiteId};
 use rand::RngExt;
+use rand::rngs::StdRng;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -30,6 +31,7 @@ use crate::config::{AgentConfig, PrivacyLimits};
 use crate::dataset::SiteData;
 use crate::evaluation::evaluate;
 use crate::retention::purge_periodically;
+use crate::simulation::{Phase, Simulation, round_rng};
 use crate::store::{DEFAULT_WAIT, SiteStore, StoreError, StoreHandle};
 use crate::training::{Trained, private_contribution, train};
 use potluck_shared::dp::Contribution;
@@ -120,6 +122,7 @@ pub struct Agent {
     client: quinn::ClientConfig,
     secagg: SecAggIdentity,
     api: Option<ApiState>,
+    simulation: Option<Simulation>,
 }
 
 impl Agent {
@@ -163,7 +166,16 @@ impl Agent {
             client,
             secagg,
             api,
+            simulation: None,
         })
+    }
+
+    /// Run as one of many virtual sites of a research simulation: through
+    /// the shared endpoint and compute slots, with seeded randomness and
+    /// injected faults. Production agents never call this.
+    pub fn simulated(mut self, simulation: Simulation) -> Self {
+        self.simulation = Some(simulation);
+        self
     }
 
     /// The site's store.
@@ -179,8 +191,10 @@ impl Agent {
         } else {
             "0.0.0.0:0".parse().expect("valid address")
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(AgentError::Bind)?;
-        endpoint.set_default_client_config(self.client.clone());
+        let endpoint = match &self.simulation {
+            Some(simulation) => simulation.endpoint.clone(),
+            None => quinn::Endpoint::client(bind).map_err(AgentError::Bind)?,
+        };
         let mut helpers = Helpers::default();
         if let Some(state) = &self.api {
             let listener = api::bind(self.config.api.listen).await?;
@@ -234,6 +248,9 @@ impl Agent {
         }
         info!(site = %self.config.site_id, "agent stopping");
         drop(helpers);
+        if self.simulation.is_some() {
+            return Ok(()); // the endpoint is shared: the simulation closes it
+        }
         endpoint.close(CloseCode::Shutdown.into(), b"agent shutting down");
         // Give the close a moment to reach the coordinator, not the full drain period.
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
@@ -247,7 +264,11 @@ impl Agent {
     ) -> Result<(), SessionError> {
         let max_frame = self.config.limits.max_frame_bytes;
         let connection = endpoint
-            .connect(self.config.coordinator, &self.config.server_name)
+            .connect_with(
+                self.client.clone(),
+                self.config.coordinator,
+                &self.config.server_name,
+            )
             .map_err(|e| SessionError::Connect(e.to_string()))?
             .await
             .map_err(|e| SessionError::Connect(e.to_string()))?;
@@ -262,7 +283,7 @@ impl Agent {
         ));
         let mut inbox = spawn_reader(recv, max_frame);
         let audit = AuditLog::new(&self.config.state_dir);
-        let (jobs, mut done) = spawn_worker(self.store.clone(), self.config.privacy.clone(), audit);
+        let (jobs, mut done) = spawn_worker(self.worker_context(audit));
         let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"), Some(self.secagg.clone()));
         let result = async {
             loop {
@@ -270,6 +291,9 @@ impl Agent {
                     self.dispatch(event, &jobs);
                 }
                 while let Some(message) = session.poll_transmit() {
+                    if self.injects_dropout(&message, &mut session) {
+                        continue;
+                    }
                     transport::write_message(&mut send, &message, max_frame).await?;
                 }
                 tokio::select! {
@@ -330,17 +354,95 @@ impl Agent {
             }
             Done::Trained(task, Ok(Work::Plain(trained))) => {
                 debug!(site = %self.config.site_id, round = %task.round, loss = trained.loss, "trained");
-                session.handle_trained(&task, trained.delta, trained.loss, &mut rand::rng());
+                let mut rng = self.rng(task.round, "finish");
+                session.handle_trained(&task, trained.delta, trained.loss, &mut rng);
             }
             Done::Trained(task, Ok(Work::Private(contribution))) => {
                 debug!(site = %self.config.site_id, round = %task.round, units = contribution.units(), "trained");
-                session.handle_contribution(&task, contribution, &mut rand::rng());
+                let mut rng = self.rng(task.round, "finish");
+                session.handle_contribution(&task, contribution, &mut rng);
             }
             Done::Trained(task, Err(reason)) => {
                 warn!(site = %self.config.site_id, round = %task.round, %reason, "declining round");
                 session.decline(task.round, reason);
             }
         }
+    }
+}
+
+impl Agent {
+    /// What the worker thread needs.
+    fn worker_context(&self, audit: AuditLog) -> WorkerContext {
+        WorkerContext {
+            site: self.config.site_id.clone(),
+            store: self.store.clone(),
+            limits: self.config.privacy.clone(),
+            audit,
+            simulation: self.simulation.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// The generator for `purpose` in `round`: seeded in a simulation.
+    fn rng(&self, round: potluck_shared::RoundId, purpose: &str) -> StdRng {
+        let seed = self.simulation.as_ref().map(|s| s.seed);
+        round_rng(seed, &self.config.site_id, round, purpose)
+    }
+
+    /// In a simulation, leave the round instead of sending `message` when the
+    /// fault plan says this site drops out at its phase.
+    fn injects_dropout(&self, message: &SiteMessage, session: &mut SiteSession) -> bool {
+        let (Some(simulation), Some((round, phase))) = (&self.simulation, Phase::of(message))
+        else {
+            return false;
+        };
+        let site = &self.config.site_id;
+        if !simulation
+            .faults
+            .drops_at(simulation.seed, site, round, phase)
+        {
+            return false;
+        }
+        info!(%site, %round, phase = phase.name(), "simulated dropout");
+        session.decline(round, format!("simulated dropout at {}", phase.name()));
+        true
+    }
+}
+
+/// What a site's worker thread needs to evaluate and train.
+struct WorkerContext {
+    site: SiteId,
+    store: StoreHandle,
+    limits: PrivacyLimits,
+    audit: AuditLog,
+    simulation: Option<Simulation>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl WorkerContext {
+    /// Run `job` in one of the simulation's compute slots, if any; then, for
+    /// a slow site, wait its delay (outside the slot) before reporting.
+    fn run(&self, job: Job) -> Done {
+        let permit = self.simulation.as_ref().map(|s| {
+            self.runtime
+                .block_on(s.compute.clone().acquire_owned())
+                .expect("the compute semaphore is never closed")
+        });
+        let done = match job {
+            Job::Model(model) => Done::Evaluated(model.version, on_model(&self.store, &model)),
+            Job::Train(task, model) => {
+                let seed = self.simulation.as_ref().map(|s| s.seed);
+                let mut rng = round_rng(seed, &self.site, task.round, "train");
+                let result = train_for_round(self, &task, &model, &mut rng);
+                drop(permit);
+                if let Some(s) = &self.simulation {
+                    std::thread::sleep(s.faults.delay(s.seed, &self.site));
+                }
+                return Done::Trained(task, result);
+            }
+        };
+        drop(permit);
+        done
     }
 }
 
@@ -367,22 +469,13 @@ fn spawn_reader(
 }
 
 fn spawn_worker(
-    store: StoreHandle,
-    limits: PrivacyLimits,
-    audit: AuditLog,
+    context: WorkerContext,
 ) -> (std::sync::mpsc::Sender<Job>, mpsc::UnboundedReceiver<Done>) {
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
         for job in job_rx {
-            let done = match job {
-                Job::Model(model) => Done::Evaluated(model.version, on_model(&store, &model)),
-                Job::Train(task, model) => {
-                    let result = train_for_round(&store, &limits, &audit, &task, &model);
-                    Done::Trained(task, result)
-                }
-            };
-            if done_tx.send(done).is_err() {
+            if done_tx.send(context.run(job)).is_err() {
                 break;
             }
         }
@@ -392,12 +485,17 @@ fn spawn_worker(
 
 /// Train for a round, within this site's own privacy limits.
 fn train_for_round(
-    store: &StoreHandle,
-    limits: &PrivacyLimits,
-    audit: &AuditLog,
+    context: &WorkerContext,
     task: &RoundTask,
     model: &GlobalModel,
+    rng: &mut StdRng,
 ) -> Result<Work, String> {
+    let WorkerContext {
+        store,
+        limits,
+        audit,
+        ..
+    } = context;
     let data = store
         .with(|s| site_data(s, model))
         .map_err(|e| e.to_string())?;
@@ -415,7 +513,7 @@ fn train_for_round(
                 serde_json::json!({"round": task.round.0, "privacy": null}),
             )
             .map_err(|e| format!("cannot record the round in the audit log: {e}"))?;
-        return train(model, &data.train, &task.settings, rand::rng().random())
+        return train(model, &data.train, &task.settings, rng.random())
             .map(Work::Plain)
             .map_err(|e| e.to_string());
     };
@@ -470,7 +568,7 @@ fn train_for_round(
             return Err(refusal.to_string());
         }
     }
-    private_contribution(model, &data, &task.settings, privacy, &mut rand::rng())
+    private_contribution(model, &data, &task.settings, privacy, rng)
         .map(Work::Private)
         .map_err(|e| e.to_string())
 }
@@ -496,8 +594,17 @@ fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
 }
 
 /// The site's consenting customers, prepared for `model`'s menu and features.
+///
+/// Customers are put in an order fixed by their orders (not by the store's
+/// keyed pseudonyms), so that the same data gives the same training run.
 pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, StoreError> {
-    let histories = store.histories(&model.spec.menu, true)?;
+    let mut histories = store.histories(&model.spec.menu, true)?;
+    histories.sort_by_cached_key(|h| {
+        h.orders
+            .iter()
+            .map(|o| (o.time, o.items.clone()))
+            .collect::<Vec<_>>()
+    });
     Ok(SiteData::prepare(
         &histories,
         model.spec.menu.len(),

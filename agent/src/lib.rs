@@ -19,6 +19,7 @@ pub mod evaluation;
 pub mod import;
 pub mod recommend;
 pub mod retention;
+pub mod simulation;
 pub mod store;
 pub mod subject;
 pub mod training;

@@ -14,7 +14,7 @@ use potluck_agent::recommend::{Request, recommend};
 use potluck_agent::retention::{Purge, purge_expired};
 use potluck_agent::store::{DEFAULT_WAIT, SiteStore};
 use potluck_agent::subject::{Export, TRAINING_AND_ERASURE};
-use potluck_agent::training::train_params;
+use potluck_agent::training::train_rounds;
 use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::service::systemd;
 use potluck_shared::wire::TrainSettings;
@@ -633,17 +633,14 @@ fn local_only(config: &Path, rounds: u32, seed: u64, json: bool) -> Result<()> {
     let histories = store.histories(&spec.menu, true)?;
     let data = SiteData::prepare(&histories, spec.menu.len(), spec.history_decay);
     let settings = TrainSettings::default();
-    let mut params = spec.initial_params(seed);
-    for round in 0..rounds {
-        params = train_params(
-            &spec,
-            &params,
-            &data.train,
-            &settings,
-            seed + u64::from(round),
-        )?
-        .0;
-    }
+    let params = train_rounds(
+        &spec,
+        spec.initial_params(seed),
+        &data.train,
+        &settings,
+        rounds,
+        seed,
+    )?;
     let counts = evaluate(&spec, &params, &data)?;
     let (hr, ndcg) = counts.model.means(counts.cases).unwrap_or((0.0, 0.0));
     if json {

@@ -90,6 +90,23 @@ pub fn train(
     Ok(Trained { delta, loss })
 }
 
+/// The local-only baseline: `params` trained on one site's (or, for the
+/// centralised reference, a pool's) examples alone for `rounds` rounds of
+/// `settings`, seeded per round as a federation's rounds are.
+pub fn train_rounds(
+    spec: &ModelSpec,
+    mut params: Vec<f32>,
+    examples: &[Example],
+    settings: &TrainSettings,
+    rounds: u32,
+    seed: u64,
+) -> Result<Vec<f32>, TrainError> {
+    for round in 0..rounds {
+        params = train_params(spec, &params, examples, settings, seed + u64::from(round))?.0;
+    }
+    Ok(params)
+}
+
 /// A private round's contribution: per unit (each customer sampled with the
 /// round's probability, or the whole site), the delta of local training from
 /// the global model, clipped and rounded as [`Contribution::add`] does.

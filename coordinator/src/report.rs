@@ -51,6 +51,12 @@ pub struct RoundLine {
     pub baseline_popularity_hr_at_10: Option<f64>,
     /// HR@10 of personal frequency.
     pub baseline_personal_hr_at_10: Option<f64>,
+    /// NDCG@10 of site popularity.
+    #[serde(default)]
+    pub baseline_popularity_ndcg_at_10: Option<f64>,
+    /// NDCG@10 of personal frequency.
+    #[serde(default)]
+    pub baseline_personal_ndcg_at_10: Option<f64>,
     /// Held-out orders.
     pub eval_cases: u64,
     /// Wall time.

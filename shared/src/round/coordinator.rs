@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -292,7 +292,9 @@ struct Evaluating {
     summary: RoundSummary,
     opened: Instant,
     pending: BTreeSet<SiteId>,
-    reported: BTreeSet<SiteId>,
+    /// Each site's counts, summed in site order when the phase closes, so
+    /// that the totals do not depend on the order reports arrived in.
+    reported: BTreeMap<SiteId, EvalCounts>,
     deadline: Instant,
 }
 
@@ -600,12 +602,11 @@ impl Coordinator {
         let Phase::Evaluating(e) = &mut self.phase else {
             return Ok(());
         };
-        if version != e.summary.model_version || !e.reported.insert(site.clone()) {
+        if version != e.summary.model_version || e.reported.contains_key(site) {
             return Ok(());
         }
         e.pending.remove(site);
-        e.summary.eval.add(&counts);
-        e.summary.eval_sites += 1;
+        e.reported.insert(site.clone(), counts);
         e.summary.bytes_received += wire_len as u64;
         Ok(())
     }
@@ -1028,7 +1029,7 @@ impl Coordinator {
             },
             opened: t.opened,
             pending: self.connected.clone(),
-            reported: BTreeSet::new(),
+            reported: BTreeMap::new(),
             deadline: now + self.config.eval_timeout,
         });
     }
@@ -1038,6 +1039,10 @@ impl Coordinator {
             return;
         };
         e.summary.duration = now.saturating_duration_since(e.opened);
+        for counts in e.reported.values() {
+            e.summary.eval.add(counts);
+        }
+        e.summary.eval_sites = e.reported.len();
         self.events
             .push_back(CoordinatorEvent::RoundCompleted(Box::new(e.summary)));
         self.completed += 1;

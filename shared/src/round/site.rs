@@ -142,10 +142,14 @@ impl SiteSession {
         Ok(())
     }
 
-    /// Decline a round, with a reason the coordinator logs (e.g. a spent privacy budget).
+    /// Decline a round, with a reason the coordinator logs (e.g. a spent
+    /// privacy budget), and take no further part in it.
     pub fn decline(&mut self, round: RoundId, reason: String) {
         if self.round == Some(round) {
             self.round = None;
+        }
+        if self.secagg.as_ref().is_some_and(|c| c.round() == round) {
+            self.secagg = None;
         }
         self.transmits
             .push_back(SiteMessage::Declined { round, reason });
