@@ -31,7 +31,8 @@ use crate::config::Plan;
 struct Cli {
     /// The experiment file (TOML).
     config: Option<PathBuf>,
-    /// Where outputs go (default: ./sim-runs/NAME); replaced if it exists.
+    /// Where outputs go (default: ./sim-runs/NAME). A previous run's output
+    /// there is replaced; any other non-empty directory is refused.
     #[arg(long)]
     out: Option<PathBuf>,
     /// No progress bar or step messages.
@@ -75,10 +76,7 @@ fn main() -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| Path::new("sim-runs").join(&name));
-    if out.exists() {
-        std::fs::remove_dir_all(&out).with_context(|| format!("replacing {}", out.display()))?;
-    }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    replace_output_dir(&out)?;
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     init_file_logging(&logs.join("sites.log"))?;
@@ -112,6 +110,30 @@ fn main() -> Result<()> {
         println!("Outputs in {}", out.display());
     }
     Ok(())
+}
+
+/// Marks a directory as a simulator's output, which a later run may replace.
+const MARKER: &str = ".potluck-sim";
+
+/// Empty `out` for a new run: only a directory this tool made (or an empty
+/// one) is replaced, never one that merely happens to be named.
+fn replace_output_dir(out: &Path) -> Result<()> {
+    let is_empty = |dir: &Path| std::fs::read_dir(dir).map(|mut d| d.next().is_none());
+    if out.exists() {
+        if !out.join(MARKER).exists() && !is_empty(out).unwrap_or(false) {
+            anyhow::bail!(
+                "{} exists and is not a potluck-sim output directory; choose another --out or remove it",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(
+        out.join(MARKER),
+        "written by potluck-sim; the next run with this --out replaces the directory\n",
+    )
+    .with_context(|| format!("writing in {}", out.display()))
 }
 
 /// The sites' logs go to a file: a thousand agents would drown a terminal.

@@ -185,3 +185,30 @@ fn the_same_seed_gives_the_same_metrics() {
     let other = run("other", &with_faults.replace("seed = 11", "seed = 12"));
     assert_ne!(first, other, "another seed, other metrics");
 }
+
+#[test]
+fn a_directory_it_did_not_make_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("precious");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("thesis.tex"), "years of work").unwrap();
+    let file = dir.path().join("experiment.toml");
+    std::fs::write(&file, SMALL).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_potluck-sim"))
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is not a potluck-sim output directory"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("thesis.tex")).unwrap(),
+        "years of work"
+    );
+}
