@@ -52,52 +52,56 @@ pub fn load_sites(sites: &[AgentConfig], initial: &GlobalModel) -> Result<Vec<Si
         .collect()
 }
 
-/// Each site trains alone for `rounds` rounds; each site's counts.
-pub fn local_only(
-    sites: &[SiteData],
-    initial: &GlobalModel,
-    settings: &TrainSettings,
-    rounds: u32,
-    seed: u64,
-    threads: usize,
-) -> Result<Vec<EvalCounts>> {
-    parallel(sites.len(), threads, |i| {
-        let data = &sites[i];
-        if data.train.is_empty() {
-            // Nothing to learn from: the site keeps the initial model.
-            return Ok(evaluate(&initial.spec, &initial.params, data)?);
-        }
-        let params = train_rounds(
-            &initial.spec,
-            initial.params.clone(),
-            &data.train,
-            settings,
-            rounds,
-            seed.wrapping_add(i as u64),
-        )?;
-        Ok(evaluate(&initial.spec, &params, data)?)
-    })
+/// How the reference models are trained: as the federation's sites are,
+/// from its initial model, with its settings, for as many rounds.
+#[derive(Debug, Clone, Copy)]
+pub struct Reference<'a> {
+    /// The federation's initial model.
+    pub initial: &'a GlobalModel,
+    /// Its local training settings.
+    pub settings: &'a TrainSettings,
+    /// Its rounds.
+    pub rounds: u32,
+    /// The experiment's seed.
+    pub seed: u64,
+    /// Threads to train and score on.
+    pub threads: usize,
 }
 
-/// All training examples pooled in one place, trained for `rounds` rounds.
-pub fn centralised(
-    sites: &[SiteData],
-    initial: &GlobalModel,
-    settings: &TrainSettings,
-    rounds: u32,
-    seed: u64,
-    threads: usize,
-) -> Result<Vec<EvalCounts>> {
-    let pooled: Vec<_> = sites.iter().flat_map(|s| s.train.iter().cloned()).collect();
-    let params = train_rounds(
-        &initial.spec,
-        initial.params.clone(),
-        &pooled,
-        settings,
-        rounds,
-        seed,
-    )?;
-    score_sites(sites, &initial.spec, &params, threads)
+impl Reference<'_> {
+    /// Each site trains alone; each site's counts.
+    pub fn local_only(&self, sites: &[SiteData]) -> Result<Vec<EvalCounts>> {
+        let spec = &self.initial.spec;
+        parallel(sites.len(), self.threads, |i| {
+            let data = &sites[i];
+            if data.train.is_empty() {
+                // Nothing to learn from: the site keeps the initial model.
+                return Ok(evaluate(spec, &self.initial.params, data)?);
+            }
+            let seed = self.seed.wrapping_add(i as u64);
+            let params = self.train(&data.train, seed)?;
+            Ok(evaluate(spec, &params, data)?)
+        })
+    }
+
+    /// All training examples pooled in one place; each site's counts.
+    pub fn centralised(&self, sites: &[SiteData]) -> Result<Vec<EvalCounts>> {
+        let pooled: Vec<_> = sites.iter().flat_map(|s| s.train.iter().cloned()).collect();
+        let params = self.train(&pooled, self.seed)?;
+        score_sites(sites, &self.initial.spec, &params, self.threads)
+    }
+
+    fn train(&self, examples: &[potluck_shared::model::Example], seed: u64) -> Result<Vec<f32>> {
+        let initial = self.initial;
+        Ok(train_rounds(
+            &initial.spec,
+            initial.params.clone(),
+            examples,
+            self.settings,
+            self.rounds,
+            seed,
+        )?)
+    }
 }
 
 /// A model's counts at each site.

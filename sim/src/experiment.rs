@@ -11,7 +11,7 @@ use potluck_coordinator::state::State;
 use potluck_shared::model::GlobalModel;
 use serde::Serialize;
 
-use crate::baselines::{self, Score};
+use crate::baselines::{self, Reference, Score};
 use crate::config::SimConfig;
 use crate::federation::{self, Progress, Ran};
 use crate::partition::{self, SizeRule};
@@ -132,8 +132,13 @@ pub fn run(label: &str, config: &SimConfig, out: &Path, quiet: bool) -> Result<S
         .compute
         .slots
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let rounds = u32::try_from(config.rounds).unwrap_or(u32::MAX);
-    let settings = &coordinator.training;
+    let reference = Reference {
+        initial: &initial,
+        settings: &coordinator.training,
+        rounds: u32::try_from(config.rounds).unwrap_or(u32::MAX),
+        seed: config.seed,
+        threads,
+    };
     let mut per_site = BTreeMap::new();
     per_site.insert(
         "federated",
@@ -141,15 +146,11 @@ pub fn run(label: &str, config: &SimConfig, out: &Path, quiet: bool) -> Result<S
     );
     if config.baselines.local_only {
         say(quiet, "training the local-only baseline at every site");
-        let counts =
-            baselines::local_only(&sites, &initial, settings, rounds, config.seed, threads)?;
-        per_site.insert("local_only", counts);
+        per_site.insert("local_only", reference.local_only(&sites)?);
     }
     if config.baselines.centralised {
         say(quiet, "training the centralised reference on pooled data");
-        let counts =
-            baselines::centralised(&sites, &initial, settings, rounds, config.seed, threads)?;
-        per_site.insert("centralised", counts);
+        per_site.insert("centralised", reference.centralised(&sites)?);
     }
     let mut scores = round_baselines(&ran.rounds);
     for name in ["local_only", "centralised"] {
