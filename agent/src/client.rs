@@ -599,12 +599,14 @@ fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
 /// keyed pseudonyms), so that the same data gives the same training run.
 pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, StoreError> {
     let mut histories = store.histories(&model.spec.menu, true)?;
-    histories.sort_by_cached_key(|h| {
-        h.orders
+    histories.sort_by(|a, b| {
+        // Orders compare by reference; the first order's time nearly always decides.
+        a.orders
             .iter()
-            .map(|o| (o.time, o.items.clone()))
-            .collect::<Vec<_>>()
+            .map(|o| (o.time, o.items.as_slice()))
+            .cmp(b.orders.iter().map(|o| (o.time, o.items.as_slice())))
     });
+
     Ok(SiteData::prepare(
         &histories,
         model.spec.menu.len(),

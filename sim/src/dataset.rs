@@ -230,13 +230,7 @@ fn read_orders(path: &Path, menu: &Menu) -> Result<Vec<OrderRow>, DataError> {
         .trim(csv::Trim::All)
         .flexible(true)
         .from_reader(std::fs::File::open(path).map_err(io)?);
-    let header = reader
-        .headers()
-        .map_err(|e| DataError::File {
-            path: name.clone(),
-            reason: e.to_string(),
-        })?
-        .clone();
+    let header = header_of(&mut reader, &name)?;
     let column = |n: &str| header.iter().position(|h| h == n);
     let field = |record: &csv::StringRecord, n: &str| {
         column(n)
@@ -264,6 +258,17 @@ fn read_orders(path: &Path, menu: &Menu) -> Result<Vec<OrderRow>, DataError> {
         });
     }
     Ok(rows)
+}
+
+/// A CSV file's header row; `name` names the file in the error.
+fn header_of<R: Read>(
+    reader: &mut csv::Reader<R>,
+    name: &str,
+) -> Result<csv::StringRecord, DataError> {
+    reader.headers().cloned().map_err(|e| DataError::File {
+        path: name.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// One usable Online Retail line.
@@ -353,13 +358,7 @@ fn retail_lines(
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(input);
-    let header = reader
-        .headers()
-        .map_err(|e| DataError::File {
-            path: name.to_string(),
-            reason: e.to_string(),
-        })?
-        .clone();
+    let header = header_of(&mut reader, name)?;
     const COLUMNS: [&str; 6] = [
         "InvoiceNo",
         "StockCode",
