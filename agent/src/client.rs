@@ -29,7 +29,7 @@ use crate::api::{self, ApiState, load_token};
 use crate::audit::AuditLog;
 use crate::config::{AgentConfig, PrivacyLimits};
 use crate::dataset::SiteData;
-use crate::evaluation::evaluate;
+use crate::evaluation::{self, evaluate};
 use crate::retention::purge_periodically;
 use crate::simulation::{Phase, Simulation, round_rng};
 use crate::store::{DEFAULT_WAIT, SiteStore, StoreError, StoreHandle};
@@ -99,10 +99,12 @@ enum SessionError {
 enum Job {
     Model(Arc<GlobalModel>),
     Train(Box<RoundTask>, Arc<GlobalModel>),
+    Audit(Box<RoundTask>, Arc<GlobalModel>),
 }
 
 enum Done {
     Evaluated(ModelVersion, EvalCounts),
+    /// Trained for a round, or audited in one: what to contribute.
     Trained(Box<RoundTask>, Result<Work, String>),
 }
 
@@ -123,6 +125,8 @@ pub struct Agent {
     secagg: SecAggIdentity,
     api: Option<ApiState>,
     simulation: Option<Simulation>,
+    /// Releases received so far: a release saved late never replaces a later one.
+    releases: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Agent {
@@ -167,6 +171,7 @@ impl Agent {
             secagg,
             api,
             simulation: None,
+            releases: Arc::default(),
         })
     }
 
@@ -334,6 +339,11 @@ impl Agent {
                 info!(site = %self.config.site_id, round = %task.round, "training for round");
                 Job::Train(task, model)
             }
+            SiteEvent::AuditRequested { task, model } => {
+                info!(site = %self.config.site_id, round = %task.round, version = %model.version, "fairness audit");
+                Job::Audit(task, model)
+            }
+            SiteEvent::ServeModel(model) => return self.serve(model),
             SiteEvent::RoundAbandoned(round) => {
                 info!(site = %self.config.site_id, %round, "round abandoned by coordinator");
                 return;
@@ -342,6 +352,32 @@ impl Agent {
         };
         // The worker lives as long as this session; a send fails only while it shuts down.
         let _ = jobs.send(job);
+    }
+
+    /// Keep a released model for recommendations: at once, beside the
+    /// worker, so that neither a long training job nor the end of the session
+    /// delays or drops it.
+    fn serve(&self, model: Arc<GlobalModel>) {
+        use std::sync::atomic::Ordering;
+        let (store, site) = (self.store.clone(), self.config.site_id.clone());
+        let releases = self.releases.clone();
+        let seq = releases.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::task::spawn_blocking(move || {
+            // Checked under the store's lock, so saves of two releases cannot interleave.
+            let saved = store.with(|s| {
+                let latest = releases.load(Ordering::SeqCst) == seq;
+                latest.then(|| s.save_model(&model)).transpose()
+            });
+            match saved {
+                Ok(Some(())) => info!(%site, version = %model.version, "serving model"),
+                Ok(None) => {
+                    debug!(%site, version = %model.version, "superseded by a later release")
+                }
+                Err(e) => {
+                    warn!(%site, version = %model.version, error = %e, "could not keep the released model; serving the previous one");
+                }
+            }
+        });
     }
 
     fn apply(&self, done: Done, session: &mut SiteSession) {
@@ -430,6 +466,12 @@ impl WorkerContext {
         });
         let done = match job {
             Job::Model(model) => Done::Evaluated(model.version, on_model(&self.store, &model)),
+            Job::Audit(task, model) => {
+                let seed = self.simulation.as_ref().map(|s| s.seed);
+                let mut rng = round_rng(seed, &self.site, task.round, "audit");
+                let result = audit_for_round(self, &task, &model, &mut rng);
+                Done::Trained(task, result)
+            }
             Job::Train(task, model) => {
                 let seed = self.simulation.as_ref().map(|s| s.seed);
                 let mut rng = round_rng(seed, &self.site, task.round, "train");
@@ -517,6 +559,46 @@ fn train_for_round(
             .map(Work::Plain)
             .map_err(|e| e.to_string());
     };
+    charge_ledger(context, task, privacy)?;
+    private_contribution(model, &data, &task.settings, privacy, rng)
+        .map(Work::Private)
+        .map_err(|e| e.to_string())
+}
+
+/// Audit a model version for fairness: per-group figures of the held-out
+/// customers, charged to the privacy ledger like a round.
+fn audit_for_round(
+    context: &WorkerContext,
+    task: &RoundTask,
+    model: &GlobalModel,
+    rng: &mut StdRng,
+) -> Result<Work, String> {
+    let (Some(spec), Some(privacy)) = (&task.audit, &task.privacy) else {
+        return Err("an audit without its spec or privacy".into());
+    };
+    let data = context
+        .store
+        .with(|s| site_data(s, model))
+        .map_err(|e| e.to_string())?;
+    charge_ledger(context, task, privacy)?;
+    evaluation::audit(&model.spec, &model.params, &data, spec, privacy, rng)
+        .map(Work::Private)
+        .map_err(|e| e.to_string())
+}
+
+/// Record a private round's cost in this site's ledger and audit log, or
+/// refuse it when it would take ε above this site's own limit.
+fn charge_ledger(
+    context: &WorkerContext,
+    task: &RoundTask,
+    privacy: &potluck_shared::dp::RoundPrivacy,
+) -> Result<(), String> {
+    let WorkerContext {
+        store,
+        limits,
+        audit,
+        ..
+    } = context;
     let step = privacy_step(task).ok_or("a private round without secure aggregation")?;
     let spent = store
         .with(|s| {
@@ -538,6 +620,7 @@ fn train_for_round(
             "delta": limits.delta,
             "noise_multiplier": step.noise_multiplier,
             "sampling_rate": step.sampling_rate,
+            "purpose": if task.audit.is_some() { "fairness audit" } else { "training" },
         })
     };
     match spent {
@@ -568,19 +651,13 @@ fn train_for_round(
             return Err(refusal.to_string());
         }
     }
-    private_contribution(model, &data, &task.settings, privacy, rng)
-        .map(Work::Private)
-        .map_err(|e| e.to_string())
+    Ok(())
 }
 
-/// Keep a new model and evaluate it; failures are logged and reported as zero cases.
+/// Evaluate a new model; failures are logged and reported as zero cases. It
+/// is kept for recommendations only once released ([`Job::Serve`]).
 fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
-    let data = store.with(|s| {
-        if let Err(e) = s.save_model(model) {
-            warn!(error = %e, "could not keep the global model");
-        }
-        site_data(s, model)
-    });
+    let data = store.with(|s| site_data(s, model));
     match data
         .map_err(|e| e.to_string())
         .and_then(|data| evaluate(&model.spec, &model.params, &data).map_err(|e| e.to_string()))

@@ -17,6 +17,8 @@ pub struct EvalCase {
     pub example: Example,
     /// How often the customer ordered each item before (menu index, count).
     pub personal: Vec<(u32, u32)>,
+    /// The customer's audit-only attributes, for fairness audits.
+    pub attributes: std::collections::BTreeMap<String, String>,
 }
 
 /// A site's prepared data.
@@ -62,6 +64,7 @@ impl SiteData {
                         target: last[0].items.clone(),
                     },
                     personal: counts.into_iter().collect(),
+                    attributes: history.attributes.clone(),
                 });
                 before
             } else {

@@ -7,8 +7,11 @@
 //! the site.
 
 use burn::tensor::Device;
+use potluck_shared::dp::{Contribution, RoundPrivacy};
+use potluck_shared::fairness::{AuditSpec, CaseOutcome};
 use potluck_shared::model::{Batch, Example, ModelError, ModelSpec, Recommender};
 use potluck_shared::wire::{EvalCounts, MetricSums};
+use rand::CryptoRng;
 
 use crate::dataset::{EvalCase, SiteData};
 
@@ -86,6 +89,45 @@ pub fn evaluate(
         );
     }
     Ok(counts)
+}
+
+/// Each held-out customer's fairness-audit vector, summed for secure
+/// aggregation: the attributes go into the vector's layout and nowhere else.
+pub fn audit<R: CryptoRng + ?Sized>(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: &SiteData,
+    audit: &AuditSpec,
+    privacy: &RoundPrivacy,
+    rng: &mut R,
+) -> Result<Contribution, ModelError> {
+    let examples: Vec<&Example> = data.eval.iter().map(|c| &c.example).collect();
+    let scores = score(spec, params, &examples)?;
+    let category_of: Vec<Option<usize>> = spec
+        .menu
+        .items()
+        .iter()
+        .map(|item| audit.categories.iter().position(|c| *c == item.category))
+        .collect();
+    let mut contribution = Contribution::of_length(audit.length());
+    for (case, scores) in data.eval.iter().zip(&scores) {
+        let top = top_k(scores, K);
+        let (hit, ndcg) = rank_metrics(&top, &case.example.target);
+        let mut shown = vec![0u32; audit.categories.len()];
+        for c in top
+            .iter()
+            .filter_map(|&i| category_of.get(i as usize).copied().flatten())
+        {
+            shown[c] += 1;
+        }
+        let outcome = CaseOutcome { hit, ndcg, shown };
+        contribution.add_vector(
+            privacy,
+            audit.customer_vector(&case.attributes, &outcome),
+            rng,
+        );
+    }
+    Ok(contribution)
 }
 
 fn add(sums: &mut MetricSums, (hit, ndcg): (f64, f64)) {

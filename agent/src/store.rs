@@ -177,6 +177,9 @@ pub struct CustomerHistory {
     pub pseudonym: String,
     /// Their orders.
     pub orders: Vec<OrderRecord>,
+    /// Audit-only attributes (column → value): for fairness audits at this
+    /// site, never a model input.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// What recommending needs about one customer.
@@ -671,7 +674,9 @@ impl SiteStore {
                 continue;
             }
             let lines = self.lines_of(&orders, &row)?;
-            out.push(self.history_of(&customer.customer_id, lines, &index).0);
+            let mut history = self.history_of(&customer.customer_id, lines, &index).0;
+            history.attributes = customer.attributes;
+            out.push(history);
         }
         Ok(out)
     }
@@ -721,6 +726,7 @@ impl SiteStore {
         let history = CustomerHistory {
             pseudonym: self.vault.pseudonym(customer),
             orders: orders.into_iter().map(|(_, r)| r).collect(),
+            attributes: BTreeMap::new(),
         };
         (history, utc_offset)
     }

@@ -91,6 +91,7 @@ pub fn router(context: AdminContext) -> Router {
         .route("/api/v1/rounds", get(rounds))
         .route("/api/v1/sites", get(sites))
         .route("/api/v1/models", get(models))
+        .route("/api/v1/fairness", get(fairness))
         .route("/api/v1/metrics", get(metrics))
         .route("/api/v1/activity", get(activity))
         .route("/api/v1/audit", get(audit))
@@ -99,6 +100,7 @@ pub fn router(context: AdminContext) -> Router {
         .route("/api/v1/training/stop", post(stop_training))
         .route("/api/v1/training/start", post(start_training))
         .route("/api/v1/models/{version}/rollback", post(rollback))
+        .route("/api/v1/models/{version}/release", post(release))
         .route("/api/v1/sites/{site}/revoke", post(revoke))
         .with_state(context)
 }
@@ -269,6 +271,24 @@ async fn models(AxumState(context): AxumState<AdminContext>, headers: HeaderMap)
     read(&context, &headers, Action::View, |s| s.models()).await
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ModelQuery {
+    model: Option<u64>,
+}
+
+/// The latest fairness audit (or `?model=V`'s), with its comparison; `null` if none.
+async fn fairness(
+    AxumState(context): AxumState<AdminContext>,
+    Query(query): Query<ModelQuery>,
+    headers: HeaderMap,
+) -> Response {
+    read(&context, &headers, Action::View, move |s| {
+        crate::fairness::view(s, query.model)
+    })
+    .await
+}
+
 async fn metrics(AxumState(context): AxumState<AdminContext>, headers: HeaderMap) -> Response {
     if let Err(denied) = authorise(&context, &headers, Action::View).await {
         return denied;
@@ -392,6 +412,20 @@ async fn rollback(
     operate(&context, &headers, move |s, by| {
         s.request_rollback(version, by, &reason)?;
         Ok(serde_json::json!({"rollback_to": version, "applied": "after the round in progress"}))
+    })
+    .await
+}
+
+async fn release(
+    AxumState(context): AxumState<AdminContext>,
+    UrlPath(version): UrlPath<u64>,
+    headers: HeaderMap,
+    body: Option<Json<Reason>>,
+) -> Response {
+    let reason = body.map(|b| b.0.reason).unwrap_or_default();
+    operate(&context, &headers, move |s, by| {
+        s.request_release(version, by, &reason)?;
+        Ok(serde_json::json!({"release": version, "applied": "within seconds"}))
     })
     .await
 }

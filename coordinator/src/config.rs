@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use potluck_shared::dp::{PrivacyUnit, accountant};
+use potluck_shared::dp::{PrivacyUnit, Step, accountant};
+use potluck_shared::fairness::Gate;
 use potluck_shared::model::ModelDims;
-use potluck_shared::round::{PrivacyPolicy, RoundConfig};
+use potluck_shared::round::{AuditPolicy, PrivacyPolicy, RoundConfig};
 use potluck_shared::wire::TrainSettings;
 use potluck_shared::wire::frame::DEFAULT_MAX_FRAME;
 use serde::Deserialize;
@@ -64,6 +65,8 @@ pub struct CoordinatorConfig {
     /// Distributed differential privacy and the budget.
     #[serde(default)]
     pub privacy: PrivacySection,
+    /// Fairness audits and the release gate; absent: every model is served at once.
+    pub audit: Option<AuditSection>,
     /// Prometheus metrics.
     #[serde(default)]
     pub telemetry: TelemetrySection,
@@ -177,7 +180,11 @@ impl Default for PrivacySection {
 
 impl PrivacySection {
     /// The noise multiplier: as configured, or calibrated to the budget.
-    pub fn noise_multiplier(&self, max_rounds: Option<u64>) -> Result<f64, String> {
+    pub fn noise_multiplier(
+        &self,
+        max_rounds: Option<u64>,
+        audit: Option<&AuditSection>,
+    ) -> Result<f64, String> {
         if let Some(z) = self.noise_multiplier {
             return Ok(z);
         }
@@ -186,16 +193,82 @@ impl PrivacySection {
              to calibrate the noise to the budget",
         )?;
         let q = self.unit.sampling_rate(self.sampling_rate);
-        let z =
-            accountant::calibrate(self.target_epsilon, q, rounds, self.delta).ok_or_else(|| {
-                format!(
-                    "privacy: no noise multiplier fits {rounds} rounds into epsilon {}",
-                    self.target_epsilon
-                )
-            })?;
+        // Fairness audits are charged to the same budget.
+        let reserve = audit.map(|a| (Step::gaussian(1.0, a.noise_multiplier), a.audits(rounds)));
+        let z = accountant::calibrate_with_reserve(
+            self.target_epsilon,
+            q,
+            rounds,
+            self.delta,
+            reserve.as_ref().map(|(step, count)| (step, *count)),
+        )
+        .ok_or_else(|| {
+            format!(
+                "privacy: no noise multiplier fits {rounds} rounds{} into epsilon {}",
+                if audit.is_some() {
+                    " and the final fairness audit"
+                } else {
+                    ""
+                },
+                self.target_epsilon
+            )
+        })?;
         // A hair above the continuous calibration, for the discrete correction.
         Ok(z * 1.001)
     }
+}
+
+/// `[audit]`: fairness audits of model versions before they are served.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Audit-only attributes and their groups, e.g.
+    /// `age_band = ["18-24", "25-34"]`; other values count as one more group.
+    pub attributes: std::collections::BTreeMap<String, Vec<String>>,
+    /// Groups with fewer customers than this are not reported.
+    #[serde(default = "default_min_group_size")]
+    pub min_group_size: u64,
+    /// Noise on the per-group sums over one customer's bound.
+    #[serde(default = "default_audit_noise")]
+    pub noise_multiplier: f64,
+    /// Audit every this many rounds as well as the final version (0: final only).
+    #[serde(default)]
+    pub every_rounds: u64,
+    /// δ of the audit's ε when `[privacy]` is off (else privacy.delta).
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// Ledger lineage of audits when `[privacy]` is off (else privacy.lineage).
+    #[serde(default = "default_audit_lineage")]
+    pub lineage: String,
+    /// The release gate: thresholds a version must meet to be served.
+    #[serde(default)]
+    pub gate: Gate,
+}
+
+impl AuditSection {
+    /// Audits over `rounds` rounds: every `every_rounds`, and the final version.
+    pub fn audits(&self, rounds: u64) -> u64 {
+        match self.every_rounds {
+            0 => 1,
+            every => rounds.div_ceil(every),
+        }
+    }
+}
+
+fn default_min_group_size() -> u64 {
+    20
+}
+
+fn default_audit_noise() -> f64 {
+    3.0
+}
+
+fn default_delta() -> f64 {
+    1e-6
+}
+
+fn default_audit_lineage() -> String {
+    "audit".into()
 }
 
 /// `[secagg]`.
@@ -442,7 +515,58 @@ impl CoordinatorConfig {
                  reach it through an SSH tunnel or a TLS proxy), got {addr}"
             ));
         }
+        self.check_audit()?;
         self.check_privacy()
+    }
+
+    fn check_audit(&self) -> Result<(), String> {
+        let Some(a) = &self.audit else {
+            return Ok(());
+        };
+        if self.secagg.dangerous_disable_secure_aggregation {
+            return Err("audit needs secure aggregation: a site's per-group figures must                         never be seen alone"
+                .into());
+        }
+        if a.every_rounds == 0 && self.rounds.max_rounds.is_none() && !self.privacy.enabled {
+            return Err(
+                "audit.every_rounds must be set when training has no end (no \
+                        rounds.max_rounds and no privacy budget): otherwise no version is \
+                        ever audited, and none is served"
+                    .into(),
+            );
+        }
+        if a.attributes.is_empty() {
+            return Err("audit.attributes must name at least one attribute and its groups".into());
+        }
+        for (name, groups) in &a.attributes {
+            if groups.is_empty() {
+                return Err(format!(
+                    "audit.attributes.{name} must list at least one group"
+                ));
+            }
+        }
+        if !(a.noise_multiplier.is_finite() && a.noise_multiplier > 0.0) {
+            return Err(format!(
+                "audit.noise_multiplier must be a positive number, got {}",
+                a.noise_multiplier
+            ));
+        }
+        if !(a.delta > 0.0 && a.delta < 1.0) {
+            return Err(format!("audit.delta must be in (0, 1), got {}", a.delta));
+        }
+        let g = &a.gate;
+        for (field, value) in [
+            ("audit.gate.min_hr_ratio", g.min_hr_ratio),
+            ("audit.gate.min_ndcg_ratio", g.min_ndcg_ratio),
+            ("audit.gate.max_exposure_gap", g.max_exposure_gap),
+        ] {
+            if let Some(v) = value
+                && !(0.0..=1.0).contains(&v)
+            {
+                return Err(format!("{field} must be between 0 and 1, got {v}"));
+            }
+        }
+        Ok(())
     }
 
     fn check_privacy(&self) -> Result<(), String> {
@@ -481,7 +605,8 @@ impl CoordinatorConfig {
         if p.lineage.trim().is_empty() {
             return Err("privacy.lineage must not be empty".into());
         }
-        p.noise_multiplier(self.rounds.max_rounds).map(|_| ())
+        p.noise_multiplier(self.rounds.max_rounds, self.audit.as_ref())
+            .map(|_| ())
     }
 
     /// The PKI directory made by `ca init`: the one holding the CA certificate.
@@ -506,7 +631,9 @@ impl CoordinatorConfig {
             lineage: p.lineage.clone(),
             unit: p.unit,
             sampling_rate: p.sampling_rate,
-            noise_multiplier: p.noise_multiplier(r.max_rounds).unwrap_or(f64::INFINITY),
+            noise_multiplier: p
+                .noise_multiplier(r.max_rounds, self.audit.as_ref())
+                .unwrap_or(f64::INFINITY),
             clip_norm: p.clip_norm,
             target_epsilon: p.target_epsilon,
             delta: p.delta,
@@ -526,6 +653,17 @@ impl CoordinatorConfig {
             threshold: self.secagg.threshold,
             modulus_bits: self.secagg.modulus_bits,
             secagg_phase_timeout: Duration::from_secs_f64(self.secagg.phase_timeout_secs),
+            audit: self.audit.as_ref().map(|a| AuditPolicy {
+                attributes: a.attributes.clone(),
+                min_group_size: a.min_group_size,
+                noise_multiplier: a.noise_multiplier,
+                every_rounds: a.every_rounds,
+                gate: a.gate.clone(),
+                lineage: privacy
+                    .as_ref()
+                    .map_or(a.lineage.clone(), |p| p.lineage.clone()),
+                delta: privacy.as_ref().map_or(a.delta, |p| p.delta),
+            }),
             privacy,
         }
     }
@@ -579,6 +717,16 @@ impl CoordinatorConfig {
              clip_norm = 0.5\n\
              # noise_multiplier = 1.0   # absent: calibrated to fit planned_rounds\n\
              planned_rounds = 20\n\
+             \n\
+             # Fairness audits: each model version is audited per group of these\n\
+             # audit-only attributes (kept at the sites, never sent) before it is\n\
+             # served; a version that fails the gate is held. Charged to the ledger.\n\
+             # [audit]\n\
+             # attributes = {{ age_band = [\"18-24\", \"25-34\", \"35-49\", \"50-64\", \"65+\"] }}\n\
+             # min_group_size = 20\n\
+             # noise_multiplier = 3.0\n\
+             # [audit.gate]\n\
+             # min_hr_ratio = 0.8\n\
              \n\
              # Prometheus metrics at http://LISTEN/metrics (loopback only).\n\
              [telemetry]\n\
@@ -661,6 +809,77 @@ mod tests {
                 "privacy.enabled needs secure aggregation",
             ),
             ("planned_rounds = 20", "", "planned_rounds"),
+        ] {
+            let (_d, path) = write(&base.replace(from, to));
+            let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(field), "{to:?}: {err}");
+        }
+    }
+
+    /// The starter with its commented `[audit]` example switched on.
+    fn with_audit() -> String {
+        CoordinatorConfig::starter("pki", "127.0.0.1:7443".parse().unwrap())
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with("[audit")
+                        || rest.starts_with("attributes")
+                        || rest.starts_with("min_")
+                        || rest.starts_with("noise_multiplier = 3") =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_audit_example_parses_and_its_cost_is_kept_in_the_budget() {
+        let (_d, path) = write(&with_audit());
+        let config = CoordinatorConfig::load(&path).unwrap();
+        let audit = config.round_config().audit.expect("the example is on");
+        assert_eq!(audit.attributes["age_band"].len(), 5);
+        assert_eq!(audit.gate.min_hr_ratio, Some(0.8));
+        assert_eq!(
+            audit.lineage, "default",
+            "audits spend the training lineage"
+        );
+        // Training and the final audit together fit the budget.
+        let z = config.round_config().privacy.unwrap().noise_multiplier;
+        let mut spent = potluck_shared::dp::Accountant::default();
+        spent.compose(&Step::gaussian(0.2, z), 20);
+        spent.compose(&Step::gaussian(1.0, audit.noise_multiplier), 1);
+        let epsilon = spent.epsilon(1e-6).epsilon;
+        assert!(epsilon <= 4.0 && epsilon > 3.9, "{epsilon}");
+    }
+
+    #[test]
+    fn bad_audit_settings_name_the_field() {
+        let base = with_audit();
+        for (from, to, field) in [
+            (
+                "min_hr_ratio = 0.8",
+                "min_hr_ratio = 80",
+                "audit.gate.min_hr_ratio",
+            ),
+            (
+                "noise_multiplier = 3.0",
+                "noise_multiplier = 0",
+                "audit.noise_multiplier",
+            ),
+            (
+                "\"65+\"]",
+                "\"65+\"], gender = []",
+                "audit.attributes.gender",
+            ),
+            (
+                "dangerous_disable_secure_aggregation = false",
+                "dangerous_disable_secure_aggregation = true",
+                "audit needs secure aggregation",
+            ),
+            ("enabled = true", "enabled = false", "audit.every_rounds"),
         ] {
             let (_d, path) = write(&base.replace(from, to));
             let err = CoordinatorConfig::load(&path).unwrap_err().to_string();

@@ -129,7 +129,7 @@ fn data_table(out: &mut String, f: &Facts<'_>) {
          | customer identifier | site store, encrypted | finding a customer's data for recommendations and data-subject requests | never |\n\
          | pseudonym (keyed hash of the identifier) | site, in memory while training | the only name training and the site's audit log use | never |\n\
          | consent | site store, encrypted | deciding whether orders may be used | never |\n\
-         | audit-only attributes (for example age band), only if a site declares them in `agent.toml` `[data] columns` | site store, encrypted | fairness audits at the site; refused as a model feature | never |\n\
+         | audit-only attributes (for example age band), only if a site declares them in `agent.toml` `[data] columns` | site store, encrypted | fairness audits at the site; refused as a model feature | never: only per-group sums over all sites, masked and noised (`[audit]`) |\n\
          | model update per round | site, then masked to the coordinator | training the shared model | only masked, see 3 |\n\
          | evaluation counts per model version | coordinator (`metrics.jsonl`) | monitoring model quality | yes: the site's number of held-out orders and hit counts, see 3 |\n\
          | site identity, connection times, message sizes, rounds joined or declined | coordinator logs | operating the federation | yes (no customer data) |\n\n\
@@ -182,7 +182,7 @@ fn privacy(out: &mut String, f: &Facts<'_>) {
         );
         return;
     }
-    let noise = match p.noise_multiplier(f.config.rounds.max_rounds) {
+    let noise = match p.noise_multiplier(f.config.rounds.max_rounds, f.config.audit.as_ref()) {
         Ok(z) => format!("{z:.3}"),
         Err(e) => format!("not set ({e})"),
     };
@@ -255,6 +255,14 @@ fn risks(out: &mut String, f: &Facts<'_>) {
     } else {
         "secure aggregation: only sums are unmasked (section 3)"
     };
+    let fairness = match &c.audit {
+        Some(a) => format!(
+            "each final model is audited per group of {} through secure aggregation with noise, \
+             and held if the gate objects ({DPO}: are the thresholds right?)",
+            a.attributes.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
+        None => format!("fairness audits are off (`[audit]`); {DPO}: should they be on?"),
+    };
     let _ = writeln!(
         out,
         "## 6. Risks and mitigations\n\n\
@@ -264,11 +272,11 @@ fn risks(out: &mut String, f: &Facts<'_>) {
          | membership or attribute inference from released models | {dp}; no per-customer parameters | bounded by ε; {DPO}: is ε acceptable? |\n\
          | theft of a site's disk or backup | per-customer encryption (XChaCha20-Poly1305) under a master key in a 0600 file or a systemd credential; hardened service | a thief with both the store and the master key reads it: keep the key as a (TPM-sealed) credential, apart from backups |\n\
          | erased data surviving in backups | erasure destroys the customer's key; restored backups must be erased again (site audit log lists erasures) | {DPO}: backup procedure |\n\
-         | sensitive attributes used for decisions | only `audit_only`: never model inputs, never sent; import drops undeclared columns | proxies in order history; federated fairness audits are not built yet |\n\
+         | sensitive attributes used for decisions | only `audit_only`: never model inputs, never sent; import drops undeclared columns | proxies in order history: {fairness} |\n\
          | unwanted personalisation | consent per customer; withdrawal applies from the next round; non-consenting customers get popular items | models trained before a withdrawal are not retrained (bounded by ε) |\n\
          | the till API exposing recommendations | localhost only by default, bearer token (file 0600), identifiers not logged | plain HTTP: put TLS in front before opening it to a network |\n\
          | per-site evaluation counts | counts only, no customer data | reveal each site's number of repeat customers and model quality |\n\
-         | tampering with records of what was done | hash-chained audit log at each site (`potluck-agent audit verify`) | the coordinator's own audit log is not built yet |\n"
+         | tampering with records of what was done | hash-chained audit logs at each site (`potluck-agent audit verify`) and at the coordinator (`potluck-coordinator audit verify`) | {DPO}: who keeps copies of the logs |\n"
     );
 }
 
@@ -313,7 +321,7 @@ mod tests {
     #[test]
     fn the_draft_states_the_configured_figures() {
         let c = config("[privacy]\ntarget_epsilon = 2.5\nsampling_rate = 0.1\n");
-        let step = Step::gaussian(0.1, c.privacy.noise_multiplier(Some(10)).unwrap());
+        let step = Step::gaussian(0.1, c.privacy.noise_multiplier(Some(10), None).unwrap());
         let text = draft(&c, &[step, step]);
         for expected in [
             "ε = 2.5 at δ = 1e-6",

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod dpia;
+pub mod fairness;
 pub mod pki;
 pub mod report;
 pub mod roles;

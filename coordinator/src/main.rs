@@ -12,7 +12,7 @@ use potluck_coordinator::roles::Role;
 use potluck_coordinator::state::State;
 use potluck_coordinator::{CoordinatorConfig, Server};
 use potluck_shared::SiteId;
-use potluck_shared::synth::{self, SynthConfig};
+use potluck_shared::synth::{self, PlantedBias, SynthConfig};
 use potluck_shared::tls::Validity;
 
 /// The Potluck coordinator: runs the franchise CA, enrols sites, and combines
@@ -152,6 +152,18 @@ enum ModelCommand {
         #[arg(long)]
         reason: String,
     },
+    /// Serve a version the fairness gate held (or any stored version): the
+    /// running coordinator sends it to the sites as the model they recommend
+    /// with. Audited with the reason and the audit's objections.
+    Release {
+        /// The version to serve.
+        version: u64,
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Why it may be served despite its audit, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +230,22 @@ enum AuditCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// The fairness audit of a model version: HR@10 and NDCG@10 per group
+    /// with 95% intervals, worst-to-best ratios, category exposure and its
+    /// largest gaps, and changes against the previous released version.
+    Fairness {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The version (default: the latest audited).
+        #[arg(long = "model")]
+        version: Option<u64>,
+        /// Print one JSON object instead of Markdown.
+        #[arg(long)]
+        json: bool,
+        /// Also write the Markdown report to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Print the last entries.
     Tail {
@@ -376,6 +404,13 @@ struct SynthArgs {
     /// Leave out the audit-only age_band and gender columns.
     #[arg(long)]
     no_sensitive: bool,
+    /// Plant a bias to show the fairness audit catches it: customers of this
+    /// age band (e.g. 65+) become a minority with different tastes and sparse data.
+    #[arg(long, value_name = "AGE_BAND", conflicts_with = "no_sensitive")]
+    planted_bias: Option<String>,
+    /// The minority's share of customers, with --planted-bias.
+    #[arg(long, default_value_t = PlantedBias::default_group().share, requires = "planted_bias")]
+    bias_share: f64,
 }
 
 mod ops;
@@ -534,6 +569,10 @@ fn generate(args: SynthArgs) -> Result<()> {
         menu_items: args.menu_items,
         days: args.days,
         sensitive_columns: !args.no_sensitive,
+        planted_bias: args.planted_bias.map(|age_band| PlantedBias {
+            age_band,
+            share: args.bias_share,
+        }),
         ..SynthConfig::default()
     };
     let franchise = synth::generate(&config);

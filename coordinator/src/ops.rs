@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use potluck_coordinator::CoordinatorConfig;
 use potluck_coordinator::admin::Status;
 use potluck_coordinator::state::{ModelRecord, State};
+use potluck_coordinator::{CoordinatorConfig, fairness};
 
 use crate::{AuditCommand, ModelCommand, SiteCommand, TokenCommand, TrainingCommand};
 
@@ -48,12 +48,17 @@ pub fn model(command: ModelCommand) -> Result<()> {
             );
             for m in &models {
                 println!(
-                    "{:>8}  {:<25}  {:>6}  {}{}",
+                    "{:>8}  {:<25}  {:>6}  {}{}{}",
                     m.version,
                     m.created_at,
                     m.round.map_or("-".into(), |r| r.to_string()),
                     origin(m),
-                    if m.current { "  (current)" } else { "" }
+                    if m.current { "  (current)" } else { "" },
+                    if m.status.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  [{}]", m.status)
+                    }
                 );
             }
             Ok(())
@@ -130,6 +135,18 @@ pub fn model(command: ModelCommand) -> Result<()> {
             println!(
                 "rollback to version {version} requested: the coordinator makes it current as a \
                  new version once the round in progress ends (or at its next start)"
+            );
+            Ok(())
+        }
+        ModelCommand::Release {
+            version,
+            config,
+            reason,
+        } => {
+            let (_, mut state) = open(&config.config)?;
+            state.request_release(version, &cli_user(), &reason)?;
+            println!(
+                "release of version {version} requested: the running coordinator sends it to the                  sites within seconds (or at its next start); audited with your reason"
             );
             Ok(())
         }
@@ -250,6 +267,32 @@ pub fn audit(command: AuditCommand) -> Result<()> {
                     }
                     std::process::exit(1);
                 }
+            }
+        }
+        AuditCommand::Fairness {
+            config,
+            version,
+            json,
+            out,
+        } => {
+            let (_, state) = open(&config.config)?;
+            let Some(view) = fairness::view(&state, version)? else {
+                bail!(
+                    "{}: no fairness audit{} yet; audits run when [audit] is configured and                      training finishes (or every audit.every_rounds rounds)",
+                    state.path().display(),
+                    version.map_or(String::new(), |v| format!(" of model version {v}"))
+                );
+            };
+            let text = fairness::markdown(&view);
+            if let Some(path) = &out {
+                std::fs::write(path, &text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if json {
+                print_json(&view)
+            } else {
+                print!("{text}");
+                Ok(())
             }
         }
         AuditCommand::Tail {

@@ -4,7 +4,7 @@
 //! |-----------------------------------------------|--------|---------|----------|
 //! | status, rounds, sites, models, metrics, dashboard | yes | yes     | yes      |
 //! | audit log, privacy ledger, DPIA               | no     | yes     | no       |
-//! | stop/start training, rollback, revoke a site  | no     | no      | yes      |
+//! | stop/start training, rollback, release a held model, revoke a site | no | no | yes |
 //!
 //! Operators cannot read the audit log: the auditor checks what operators did.
 

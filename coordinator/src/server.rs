@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use potluck_shared::model::{Menu, ModelSpec};
+use potluck_shared::model::{GlobalModel, Menu, ModelSpec};
 use potluck_shared::round::{Coordinator, CoordinatorEvent, RoundSummary};
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
@@ -187,10 +187,19 @@ impl Server {
         state::export_metrics(&self.state, &self.config.state_dir)?;
         let next_round = self.state.next_round()?;
         let completed = self.state.rounds_completed()?;
-        let lineage = &self.config.privacy.lineage;
-        let spent = self.state.privacy_steps(lineage)?;
         // Built once: it calibrates the noise to the budget.
         let round_config = self.config.round_config();
+        // Audits spend the training lineage's budget, or their own without one.
+        let lineage = match (&round_config.privacy, &round_config.audit) {
+            (None, Some(audit)) => audit.lineage.clone(),
+            _ => self.config.privacy.lineage.clone(),
+        };
+        let spent = self.state.privacy_steps(&lineage)?;
+        let released = match self.state.released_version()? {
+            Some(version) => self.state.model(version)?,
+            None => None,
+        };
+        let audited = self.state.fairness(Some(model.version.0))?.is_some();
         if let Some(policy) = &round_config.privacy {
             info!(
                 %lineage,
@@ -219,7 +228,8 @@ impl Server {
         );
         let coordinator = Coordinator::new(round_config, model, next_round)
             .with_spent(&spent)
-            .with_completed(completed);
+            .with_completed(completed)
+            .with_released(released, audited);
         let target = self
             .config
             .privacy
@@ -271,6 +281,7 @@ impl Server {
             telemetry,
             live,
             target,
+            delivering: None,
         };
         driver.sync_control()?;
         let (input_tx, mut inputs) = mpsc::channel(1024);
@@ -290,7 +301,7 @@ impl Server {
                 break Err(e);
             }
             driver.publish();
-            if driver.coordinator.is_finished() {
+            if driver.coordinator.is_finished() && driver.delivered() {
                 break Ok(());
             }
             let timer = driver.coordinator.poll_timeout();
@@ -370,9 +381,50 @@ struct Driver {
     live: Arc<std::sync::Mutex<Live>>,
     /// The privacy budget, when differential privacy is on.
     target: Option<f64>,
+    /// A release made after training finished, still to reach some sites.
+    delivering: Option<Delivery>,
 }
 
+/// Sites that have not yet connected since a release, and how long to wait for them.
+struct Delivery {
+    until: Instant,
+    waiting: std::collections::BTreeSet<SiteId>,
+}
+
+/// How long a finished coordinator stays up to hand a release to its sites.
+const DELIVERY_WINDOW: Duration = Duration::from_secs(600);
+
 impl Driver {
+    /// Training is over, so sites learn of a release only by connecting: stay
+    /// up until every known site has, or for [`DELIVERY_WINDOW`].
+    fn await_delivery(&mut self) -> Result<(), ServeError> {
+        let waiting: std::collections::BTreeSet<SiteId> = self
+            .state
+            .sites()?
+            .into_iter()
+            .filter(|s| !s.revoked)
+            .filter_map(|s| s.site.parse::<SiteId>().ok())
+            .filter(|s| !self.peers.contains_key(s))
+            .collect();
+        info!(
+            sites = waiting.len(),
+            "staying up to hand the release to sites not connected now"
+        );
+        self.delivering = Some(Delivery {
+            until: Instant::now() + DELIVERY_WINDOW,
+            waiting,
+        });
+        Ok(())
+    }
+
+    /// Whether a release made after training finished has reached every
+    /// site, or the wait for it is over.
+    fn delivered(&self) -> bool {
+        self.delivering
+            .as_ref()
+            .is_none_or(|d| d.waiting.is_empty() || Instant::now() >= d.until)
+    }
+
     fn handle(&mut self, input: Input) {
         self.on_input(input);
         self.telemetry.set_connected(self.peers.len());
@@ -394,15 +446,22 @@ impl Driver {
             );
             self.coordinator.set_paused(paused, now);
         }
+        if let Some(release) = self.state.pending_release()? {
+            let model = self.stored_model(release.version, "release")?;
+            warn!(
+                version = release.version,
+                "operator release: sites serve this version now, whatever its audit said"
+            );
+            self.coordinator.release(model);
+            self.state.release_applied(release)?;
+            if self.coordinator.is_finished() {
+                self.await_delivery()?;
+            }
+        }
         if let Some(request) = self.state.pending_rollback()?
             && self.rollback != Some(request.id)
         {
-            let Some(model) = self.state.model(request.target)? else {
-                return Err(ServeError::State(StateError::Refused(format!(
-                    "rollback to model version {} which is not stored",
-                    request.target
-                ))));
-            };
+            let model = self.stored_model(request.target, "rollback")?;
             info!(
                 to = request.target,
                 "rollback requested; applied once no round is in progress"
@@ -421,6 +480,15 @@ impl Driver {
             self.drop_peer(&site, CloseCode::Unauthorized, "certificate revoked", now);
         }
         Ok(())
+    }
+
+    /// Model `version`, which an operator's `action` names; refused if not stored.
+    fn stored_model(&self, version: u64, action: &str) -> Result<GlobalModel, ServeError> {
+        self.state.model(version)?.ok_or_else(|| {
+            ServeError::State(StateError::Refused(format!(
+                "{action} of model version {version}, which is not stored"
+            )))
+        })
     }
 
     /// Share what the driver is doing with the admin API.
@@ -489,6 +557,9 @@ impl Driver {
                     self.coordinator.handle_disconnected(&site, now);
                 }
                 info!(%site, "site connected");
+                if let Some(delivery) = &mut self.delivering {
+                    delivery.waiting.remove(&site);
+                }
                 self.coordinator.handle_connected(site, cert, now);
             }
             Input::Message {
@@ -620,6 +691,40 @@ impl Driver {
                 );
             }
             CoordinatorEvent::TrainingFinished => info!("training finished"),
+            CoordinatorEvent::AuditOpened {
+                round,
+                model_version,
+                cohort,
+            } => {
+                info!(%round, %model_version, sites = cohort.len(), "fairness audit opened");
+            }
+            CoordinatorEvent::AuditCompleted(outcome) => {
+                self.state.record_fairness(&outcome)?;
+                let version = outcome.report.model_version;
+                if outcome.failures.is_empty() {
+                    info!(
+                        version,
+                        "fairness audit passed; model released to the sites"
+                    );
+                } else {
+                    for failure in &outcome.failures {
+                        warn!(version, %failure, "fairness gate");
+                    }
+                    warn!(
+                        version,
+                        "model HELD: sites keep serving the last released version; `potluck-coordinator audit fairness` shows the figures, `model release` overrides with a reason"
+                    );
+                }
+            }
+            CoordinatorEvent::AuditAbandoned {
+                round,
+                model_version,
+                reason,
+            } => {
+                self.state
+                    .record_fairness_abandoned(round, model_version, &reason)?;
+                warn!(%round, %model_version, %reason, "fairness audit abandoned; the version stays unreleased");
+            }
             _ => {}
         }
         Ok(())

@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 use potluck_shared::audit::{self, Entry, Head, Tamper};
 use potluck_shared::dp::Step;
+use potluck_shared::fairness::FairnessReport;
 use potluck_shared::model::{GlobalModel, ModelSpec};
+use potluck_shared::round::AuditOutcome;
 use potluck_shared::wire::codec;
 use potluck_shared::{ModelVersion, RoundId, SiteId};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
@@ -89,6 +91,23 @@ CREATE TABLE IF NOT EXISTS rollbacks (
     applied_version INTEGER
 ) STRICT;
 CREATE TABLE IF NOT EXISTS audit (position INTEGER PRIMARY KEY, entry TEXT NOT NULL) STRICT;
+CREATE TABLE IF NOT EXISTS fairness (
+    round INTEGER PRIMARY KEY,
+    model_version INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('passed', 'held', 'abandoned')),
+    report TEXT,
+    failures TEXT NOT NULL,
+    epsilon REAL,
+    recorded_at TEXT NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS releases (
+    id INTEGER PRIMARY KEY,
+    model_version INTEGER NOT NULL,
+    released_by TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    requested_at TEXT NOT NULL,
+    applied INTEGER NOT NULL DEFAULT 0
+) STRICT;
 ";
 
 /// Why state could not be read or written.
@@ -162,6 +181,37 @@ pub struct ModelRecord {
     pub rolled_back_from: Option<u64>,
     /// Whether it is the current model.
     pub current: bool,
+    /// `released` (served at some point), `held` (failed its fairness audit
+    /// and not released), or empty (not audited, or no gate).
+    pub status: String,
+}
+
+/// A fairness audit as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct FairnessRecord {
+    /// The audit's round.
+    pub round: u64,
+    /// The version audited.
+    pub model_version: u64,
+    /// `passed`, `held` or `abandoned`.
+    pub status: String,
+    /// The figures (none when abandoned).
+    pub report: Option<FairnessReport>,
+    /// The gate's objections, or why the audit was abandoned.
+    pub failures: Vec<String>,
+    /// ε of the lineage after the audit.
+    pub epsilon: Option<f64>,
+    /// When it was recorded.
+    pub recorded_at: String,
+}
+
+/// An operator's release not yet applied by the running coordinator.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PendingRelease {
+    /// Its id.
+    pub id: i64,
+    /// The version to serve.
+    pub version: u64,
 }
 
 /// A round as stored.
@@ -464,7 +514,11 @@ impl State {
     pub fn models(&self) -> Result<Vec<ModelRecord>, StateError> {
         self.rows(
             "SELECT version, spec_hash, parameters, created_at, round, rolled_back_from,
-                    version = (SELECT MAX(version) FROM models)
+                    version = (SELECT MAX(version) FROM models),
+                    CASE WHEN version IN (SELECT model_version FROM releases WHERE applied = 1)
+                         THEN 'released'
+                         WHEN version IN (SELECT model_version FROM fairness WHERE status = 'held')
+                         THEN 'held' ELSE '' END
              FROM models ORDER BY version",
             [],
             |r| {
@@ -476,6 +530,7 @@ impl State {
                     round: r.get(4)?,
                     rolled_back_from: r.get(5)?,
                     current: r.get(6)?,
+                    status: r.get(7)?,
                 })
             },
         )
@@ -548,6 +603,257 @@ impl State {
                         target: r.get(1)?,
                     })
                 },
+            )
+            .optional()
+            .map_err(self.db())
+    }
+
+    // ---- fairness audits and releases ----
+
+    /// Record an audit's figures and verdict; a version that passed is
+    /// released (by the gate). Both are audited with the figures.
+    pub fn record_fairness(&mut self, outcome: &AuditOutcome) -> Result<(), StateError> {
+        let report = &outcome.report;
+        let passed = outcome.failures.is_empty();
+        let text = serde_json::to_string(report).unwrap_or_default();
+        let failures = serde_json::to_string(&outcome.failures).unwrap_or_default();
+        let ratios: serde_json::Value = report
+            .attributes
+            .iter()
+            .map(|a| {
+                (
+                    a.attribute.clone(),
+                    serde_json::json!({"hr_ratio": a.hr_ratio, "ndcg_ratio": a.ndcg_ratio,
+                                       "worst": a.worst, "best": a.best}),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        self.transact(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO fairness (round, model_version, status, report, failures, epsilon, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    outcome.round.0,
+                    report.model_version,
+                    if passed { "passed" } else { "held" },
+                    text,
+                    failures,
+                    outcome.epsilon,
+                    audit::timestamp()
+                ],
+            )?;
+            let figures = serde_json::json!({
+                "model_version": report.model_version,
+                "round": outcome.round.0,
+                "ratios": ratios,
+                "failures": outcome.failures,
+                "epsilon": outcome.epsilon,
+            });
+            if passed {
+                append_audit(tx, "fairness_audit_passed", figures)?;
+                insert_release(tx, report.model_version, "gate", "passed its fairness audit", true)?;
+                append_audit(
+                    tx,
+                    "model_released",
+                    serde_json::json!({"model_version": report.model_version, "by": "gate"}),
+                )
+            } else {
+                append_audit(tx, "model_held", figures)
+            }
+        })
+    }
+
+    /// Record an audit that could not finish (the version stays unreleased).
+    pub fn record_fairness_abandoned(
+        &mut self,
+        round: RoundId,
+        version: ModelVersion,
+        reason: &str,
+    ) -> Result<(), StateError> {
+        self.transact(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO fairness (round, model_version, status, failures, recorded_at)
+                 VALUES (?1, ?2, 'abandoned', ?3, ?4)",
+                params![
+                    round.0,
+                    version.0,
+                    serde_json::to_string(&[reason]).unwrap_or_default(),
+                    audit::timestamp()
+                ],
+            )?;
+            append_audit(
+                tx,
+                "fairness_audit_abandoned",
+                serde_json::json!({"round": round.0, "model_version": version.0, "reason": reason}),
+            )
+        })
+    }
+
+    /// The latest audit with figures of `version` (default: the latest version audited).
+    pub fn fairness(&self, version: Option<u64>) -> Result<Option<FairnessRecord>, StateError> {
+        let rows = self.fairness_rows(
+            "WHERE report IS NOT NULL AND (?1 IS NULL OR model_version = ?1)
+             ORDER BY round DESC LIMIT 1",
+            params![version],
+        )?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// The audit of the latest version released before `version`, to compare with.
+    pub fn previous_released_fairness(
+        &self,
+        version: u64,
+    ) -> Result<Option<FairnessRecord>, StateError> {
+        let rows = self.fairness_rows(
+            "WHERE report IS NOT NULL AND model_version = (
+                 SELECT MAX(model_version) FROM releases WHERE applied = 1 AND model_version < ?1)
+             ORDER BY round DESC LIMIT 1",
+            params![version],
+        )?;
+        Ok(rows.into_iter().next())
+    }
+
+    /// Every audit, oldest first.
+    pub fn fairness_audits(&self) -> Result<Vec<FairnessRecord>, StateError> {
+        self.fairness_rows("ORDER BY round", params![])
+    }
+
+    fn fairness_rows(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<FairnessRecord>, StateError> {
+        let sql = format!(
+            "SELECT round, model_version, status, report, failures, epsilon, recorded_at FROM fairness {clause}"
+        );
+        type Row = (
+            u64,
+            u64,
+            String,
+            Option<String>,
+            String,
+            Option<f64>,
+            String,
+        );
+        let rows: Vec<Row> = self.rows(&sql, params, |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?;
+        rows.into_iter()
+            .map(
+                |(round, model_version, status, report, failures, epsilon, recorded_at)| {
+                    let what = format!("fairness audit of round {round}");
+                    let report = report
+                        .map(|text| serde_json::from_str(&text))
+                        .transpose()
+                        .map_err(|e| self.corrupt(&what, e))?;
+                    let failures =
+                        serde_json::from_str(&failures).map_err(|e| self.corrupt(&what, e))?;
+                    Ok(FairnessRecord {
+                        round,
+                        model_version,
+                        status,
+                        report,
+                        failures,
+                        epsilon,
+                        recorded_at,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Ask the running coordinator to serve `version`, overriding the gate. Audited.
+    pub fn request_release(
+        &mut self,
+        version: u64,
+        by: &str,
+        reason: &str,
+    ) -> Result<(), StateError> {
+        if self.model(version)?.is_none() {
+            return Err(StateError::Refused(format!(
+                "there is no model version {version}; `model list` shows the versions"
+            )));
+        }
+        if reason.trim().is_empty() {
+            return Err(StateError::Refused(
+                "a release needs a reason, for the audit log".into(),
+            ));
+        }
+        let held: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT failures FROM fairness WHERE model_version = ?1 AND report IS NOT NULL
+                 ORDER BY round DESC LIMIT 1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        self.transact(|tx| {
+            insert_release(tx, version, by, reason, false)?;
+            append_audit(
+                tx,
+                "release_requested",
+                serde_json::json!({"model_version": version, "by": by, "reason": reason,
+                                   "audit_failures": held.and_then(|f| serde_json::from_str::<serde_json::Value>(&f).ok())}),
+            )
+        })
+    }
+
+    /// The latest release asked for and not yet applied.
+    pub fn pending_release(&self) -> Result<Option<PendingRelease>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT id, model_version FROM releases WHERE applied = 0 ORDER BY id DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(PendingRelease {
+                        id: r.get(0)?,
+                        version: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(self.db())
+    }
+
+    /// The running coordinator now serves the release `id`: mark it (and older
+    /// requests) applied, and audit it.
+    pub fn release_applied(&mut self, release: PendingRelease) -> Result<(), StateError> {
+        self.transact(|tx| {
+            tx.execute(
+                "UPDATE releases SET applied = 1 WHERE applied = 0 AND id <= ?1",
+                [release.id],
+            )?;
+            let (by, reason): (String, String) = tx.query_row(
+                "SELECT released_by, reason FROM releases WHERE id = ?1",
+                [release.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            append_audit(
+                tx,
+                "model_released",
+                serde_json::json!({"model_version": release.version, "by": by, "reason": reason}),
+            )
+        })
+    }
+
+    /// The version served now, if any was released.
+    pub fn released_version(&self) -> Result<Option<u64>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT model_version FROM releases WHERE applied = 1 ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
             )
             .optional()
             .map_err(self.db())
@@ -1029,6 +1335,21 @@ fn insert_model(
 }
 
 /// The head is kept in `meta`, so removing entries from the end is detected.
+fn insert_release(
+    tx: &Transaction<'_>,
+    version: u64,
+    by: &str,
+    reason: &str,
+    applied: bool,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO releases (model_version, released_by, reason, requested_at, applied)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![version, by, reason, audit::timestamp(), applied],
+    )
+    .map(drop)
+}
+
 fn read_head(conn: &Connection) -> rusqlite::Result<Head> {
     let text: Option<String> = conn
         .query_row("SELECT value FROM meta WHERE key = 'audit_head'", [], |r| {

@@ -6,6 +6,7 @@
 //! - [`round`]: the round lifecycle as sans-IO state machines.
 //! - [`secagg`]: secure aggregation (Bonawitz et al.) as sans-IO client and server.
 //! - [`dp`]: clipping and noise applied to a site's update.
+//! - [`fairness`]: per-group audit vectors, the audit report and the release gate.
 //! - [`tls`]: the franchise CA, site identity, mutual-TLS QUIC configs.
 //! - [`transport`]: thin async framing over a QUIC stream.
 //! - [`service`]: logging and shutdown signals for the binaries.
@@ -18,6 +19,7 @@
 pub mod audit;
 pub mod bundle;
 pub mod dp;
+pub mod fairness;
 mod ids;
 pub mod model;
 pub mod round;

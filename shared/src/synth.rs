@@ -17,6 +17,11 @@
 //! - **Consent**: each customer consents with probability `consent_rate` (85%).
 //! - **Sensitive columns** (optional): `age_band` and `gender`, drawn
 //!   independently of tastes, for local fairness audits only.
+//! - **Planted bias** (optional, [`PlantedBias`]): one age band is a
+//!   minority (`share` of customers) whose tastes run against everyone
+//!   else's (they prefer what others avoid) and whose data are sparse (2 or 3
+//!   orders, weaker habits). A model trained on the whole franchise then
+//!   serves that group worse, and a fairness audit should say so.
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -116,6 +121,27 @@ pub struct SynthConfig {
     pub consent_rate: f64,
     /// Whether to emit `age_band` and `gender` columns.
     pub sensitive_columns: bool,
+    /// Make one age band's tastes differ and its data sparse; `None`: no bias.
+    pub planted_bias: Option<PlantedBias>,
+}
+
+/// A minority group with different tastes and sparse data, planted on purpose.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlantedBias {
+    /// The age band of the minority, e.g. `65+`.
+    pub age_band: String,
+    /// The share of customers in it.
+    pub share: f64,
+}
+
+impl PlantedBias {
+    /// The group the examples use: the 65+ age band, 10% of customers.
+    pub fn default_group() -> Self {
+        Self {
+            age_band: "65+".into(),
+            share: 0.1,
+        }
+    }
 }
 
 impl Default for SynthConfig {
@@ -128,6 +154,7 @@ impl Default for SynthConfig {
             days: 180,
             consent_rate: 0.85,
             sensitive_columns: true,
+            planted_bias: None,
         }
     }
 }
@@ -248,22 +275,42 @@ fn make_site(
     let mut rows = Vec::new();
     let mut order_no = 0u64;
     for c in 0..config.customers_per_site {
+        // Drawn only with a planted bias, so unbiased franchises stay as they were.
+        let minority = config
+            .planted_bias
+            .as_ref()
+            .is_some_and(|b| rng.random_bool(b.share.clamp(0.0, 1.0)));
         let taste: [f64; TASTE_DIMS] = std::array::from_fn(|d| region[d] + normal.sample(rng));
         let scores: Vec<f64> = items
             .iter()
             .zip(&local_pop)
-            .map(|(it, pop)| dot(&taste, &it.taste) * 0.6 + pop)
+            .map(|(it, pop)| {
+                let score = dot(&taste, &it.taste) * 0.6 + pop;
+                if minority { -score } else { score }
+            })
             .collect();
         let habits: Vec<usize> = (0..rng.random_range(3..=6))
             .map(|_| softmax_pick(&scores, rng))
             .collect();
-        let habit_strength = rng.random_range(0.4..0.8);
+        let habit_strength = rng.random_range(0.4..0.8) * if minority { 0.25 } else { 1.0 };
         let daypart = rng.random_range(0..4usize);
         let consent = rng.random_bool(config.consent_rate);
-        let age_band = AGE_BANDS[rng.random_range(0..AGE_BANDS.len())];
+        let age_band = match &config.planted_bias {
+            Some(bias) if minority => bias.age_band.as_str(),
+            Some(bias) => {
+                let others: Vec<&str> = AGE_BANDS
+                    .iter()
+                    .copied()
+                    .filter(|b| *b != bias.age_band)
+                    .collect();
+                others[rng.random_range(0..others.len())]
+            }
+            None => AGE_BANDS[rng.random_range(0..AGE_BANDS.len())],
+        };
         let gender = pick_weighted(&GENDERS, rng);
         let customer_id = format!("{}-c{:05}", site, c + 1);
-        let n_orders = 2 + (rng.random::<f64>().powi(2) * 15.0) as usize;
+        let most = if minority { 0.0 } else { 15.0 };
+        let n_orders = 2 + (rng.random::<f64>().powi(2) * most) as usize;
         let mut times: Vec<OffsetDateTime> = (0..n_orders)
             .map(|_| {
                 let day = rng.random_range(0..config.days.max(1));

@@ -90,6 +90,13 @@ pub enum DataConfig {
         /// Days of history.
         #[serde(default = "default_days")]
         days: u32,
+        /// Plant a bias: customers of this age band become a minority with
+        /// tastes against the others' and sparse data (for fairness audits).
+        #[serde(default)]
+        planted_bias: Option<String>,
+        /// The minority's share of customers, with `planted_bias`.
+        #[serde(default = "default_bias_share")]
+        bias_share: f64,
     },
     /// Orders CSVs in the import format: `menu.csv` and one `SITE.csv` per site.
     Csv {
@@ -118,6 +125,9 @@ fn default_menu_items() -> usize {
 fn default_days() -> u32 {
     180
 }
+fn default_bias_share() -> f64 {
+    potluck_shared::synth::PlantedBias::default_group().share
+}
 fn default_retail_menu() -> usize {
     300
 }
@@ -129,6 +139,8 @@ impl Default for DataConfig {
             customers_per_site: default_synth_customers(),
             menu_items: default_menu_items(),
             days: default_days(),
+            planted_bias: None,
+            bias_share: default_bias_share(),
         }
     }
 }

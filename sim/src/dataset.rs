@@ -20,7 +20,7 @@ use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use potluck_shared::model::{Menu, MenuItem};
-use potluck_shared::synth::{self, OrderRow, SynthConfig};
+use potluck_shared::synth::{self, OrderRow, PlantedBias, SynthConfig};
 
 use crate::config::DataConfig;
 
@@ -96,12 +96,18 @@ pub fn load(config: &DataConfig, seed: u64) -> Result<Dataset, DataError> {
             customers_per_site,
             menu_items,
             days,
+            planted_bias,
+            bias_share,
         } => Ok(synthetic(&SynthConfig {
             seed,
             sites: *sites,
             customers_per_site: *customers_per_site,
             menu_items: *menu_items,
             days: *days,
+            planted_bias: planted_bias.as_ref().map(|age_band| PlantedBias {
+                age_band: age_band.clone(),
+                share: *bias_share,
+            }),
             ..SynthConfig::default()
         })),
         DataConfig::Csv { dir } => csv_dir(dir),

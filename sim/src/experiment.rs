@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use potluck_coordinator::CoordinatorConfig;
 use potluck_coordinator::report::RoundLine;
-use potluck_coordinator::state::State;
+use potluck_coordinator::state::{FairnessRecord, State};
 use potluck_shared::model::GlobalModel;
 use serde::Serialize;
 
@@ -53,6 +53,8 @@ pub struct Summary {
     pub coordinator_peak_kib: Option<u64>,
     /// Peak resident memory of the process hosting every site, KiB.
     pub sites_peak_kib: Option<u64>,
+    /// Fairness audits of model versions, and the gate's verdicts.
+    pub fairness_audits: Vec<FairnessRecord>,
 }
 
 /// The data as partitioned.
@@ -277,7 +279,13 @@ fn summarise(
         last: scored.last().cloned(),
         best,
         baselines,
-        epsilon: ran.rounds.last().and_then(|r| r.epsilon),
+        // An audit after the last round spends from the same budget.
+        epsilon: ran
+            .fairness
+            .iter()
+            .filter_map(|a| a.epsilon)
+            .chain(ran.rounds.last().and_then(|r| r.epsilon))
+            .reduce(f64::max),
         delta,
         wall_seconds: ran.wall_seconds,
         mean_round_seconds: (n > 0)
@@ -285,6 +293,7 @@ fn summarise(
         bytes_received: ran.rounds.iter().map(|r| r.bytes_received).sum(),
         coordinator_peak_kib: ran.coordinator_peak_kib,
         sites_peak_kib: ran.sites_peak_kib,
+        fairness_audits: ran.fairness.clone(),
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use potluck_agent::Agent;
-use potluck_agent::config::AgentConfig;
+use potluck_agent::config::{AgentConfig, Purpose};
 use potluck_agent::import::{ImportOptions, import_file};
 use potluck_agent::simulation::Simulation;
 use potluck_agent::store::SiteStore;
@@ -18,7 +18,7 @@ use potluck_coordinator::CoordinatorConfig;
 use potluck_coordinator::pki::{Enrollment, PkiDir};
 use potluck_coordinator::report::{RoundLine, read_lines};
 use potluck_coordinator::roles::Role;
-use potluck_coordinator::state::State;
+use potluck_coordinator::state::{FairnessRecord, State};
 use potluck_shared::SiteId;
 use potluck_shared::bundle;
 use potluck_shared::tls::Validity;
@@ -54,6 +54,8 @@ pub struct Ran {
     pub coordinator_peak_kib: Option<u64>,
     /// Peak resident memory of this (the sites') process, KiB.
     pub sites_peak_kib: Option<u64>,
+    /// The fairness audits the coordinator ran (with `[coordinator.audit]`).
+    pub fairness: Vec<FairnessRecord>,
 }
 
 /// Write the CA, the coordinator's config and one enrolled, imported site per part.
@@ -82,6 +84,12 @@ pub fn prepare(
         .context("the [coordinator] settings of the experiment")?;
     let privacy = coordinator.privacy.enabled;
     let target = coordinator.privacy.target_epsilon;
+    // Sites keep the attributes the coordinator audits, as audit-only columns.
+    let audited: Vec<String> = coordinator
+        .audit
+        .as_ref()
+        .map(|a| a.attributes.keys().cloned().collect())
+        .unwrap_or_default();
     let mut sites = Vec::with_capacity(parts.len());
     for part in parts {
         let site =
@@ -108,8 +116,18 @@ pub fn prepare(
         agent.api.enabled = false;
         agent.privacy.require = privacy;
         agent.privacy.max_epsilon = agent.privacy.max_epsilon.max(target);
+        for column in &audited {
+            agent
+                .data
+                .columns
+                .insert(column.clone(), Purpose::AuditOnly);
+        }
+        let options = ImportOptions {
+            audit_columns: audited.clone(),
+            ..ImportOptions::default()
+        };
         let store = SiteStore::open(&agent.store_path_created()?)?;
-        import_file(&store, &orders, &dataset.menu, &ImportOptions::default())
+        import_file(&store, &orders, &dataset.menu, &options)
             .with_context(|| format!("importing {}", orders.display()))?;
         sites.push(agent);
     }
@@ -246,7 +264,9 @@ pub async fn run(
     child.stop();
     result?;
     let rounds = read_lines(&prepared.state_dir.join("metrics.jsonl"))?;
+    let fairness = State::open_existing(&prepared.state_dir)?.fairness_audits()?;
     Ok(Ran {
+        fairness,
         rounds,
         wall_seconds: started.elapsed().as_secs_f64(),
         coordinator_peak_kib: std::fs::read_to_string(&peak_file)

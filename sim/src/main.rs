@@ -199,5 +199,25 @@ fn report(summary: &experiment::Summary, json: bool) -> Result<()> {
             score.ndcg_at_10
         );
     }
+    for audit in &summary.fairness_audits {
+        let ratios: Vec<String> = audit
+            .report
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .map(|a| {
+                let ratio = a.hr_ratio.map_or("-".into(), |r| format!("{r:.2}"));
+                format!("{} {ratio}", a.attribute)
+            })
+            .collect();
+        println!(
+            "  fairness      model v{} {} (worst-to-best HR@10: {})",
+            audit.model_version,
+            audit.status.to_uppercase(),
+            ratios.join(", ")
+        );
+        for failure in &audit.failures {
+            println!("                {failure}");
+        }
+    }
     Ok(())
 }

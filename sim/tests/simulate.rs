@@ -212,3 +212,72 @@ fn a_directory_it_did_not_make_is_never_replaced() {
         "years of work"
     );
 }
+
+/// Run a shipped experiment file without the reference models (not needed here).
+fn run_shipped(name: &str, out: &Path) -> Value {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../scripts/experiments/{name}.toml"));
+    let output = Command::new(env!("CARGO_BIN_EXE_potluck-sim"))
+        .arg(&file)
+        .args(["--out".as_ref(), out.as_os_str()])
+        .args([
+            "--set",
+            "baselines.local_only=false",
+            "--set",
+            "baselines.centralised=false",
+            "--quiet",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "potluck-sim {name} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+/// The version the coordinator released to the sites, from its state.
+fn released(out: &Path) -> Option<u64> {
+    let config =
+        potluck_coordinator::CoordinatorConfig::load(&out.join("work/coordinator.toml")).unwrap();
+    potluck_coordinator::state::State::open_existing(&config.state_dir)
+        .unwrap()
+        .released_version()
+        .unwrap()
+}
+
+#[test]
+fn the_gate_holds_a_planted_bias_and_releases_a_fair_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let biased = run_shipped("planted-bias", &dir.path().join("biased"));
+    let audits = biased["fairness_audits"].as_array().unwrap();
+    assert_eq!(audits.len(), 1, "the final version is audited");
+    let audit = &audits[0];
+    assert_eq!(audit["status"], "held", "{audit}");
+    let failures = audit["failures"].to_string();
+    assert!(failures.contains("age_band: HR@10 of 65+"), "{failures}");
+    let last = biased["last"]["round"].as_u64().unwrap();
+    assert_eq!(audit["model_version"].as_u64(), Some(last));
+    assert_eq!(
+        released(&dir.path().join("biased")),
+        None,
+        "a held model is not served"
+    );
+    // The small "other" gender group is suppressed, not judged.
+    let gender = &audit["report"]["attributes"][1];
+    assert_eq!(gender["attribute"], "gender");
+    assert_eq!(gender["groups"][2]["group"], "other");
+    assert!(gender["groups"][2]["customers"].is_null(), "{gender}");
+
+    let fair = run_shipped("fair", &dir.path().join("fair"));
+    let audit = &fair["fairness_audits"][0];
+    assert_eq!(audit["status"], "passed", "{audit}");
+    let ratio = audit["report"]["attributes"][0]["hr_ratio"]
+        .as_f64()
+        .unwrap();
+    assert!(ratio >= 0.8, "age_band ratio {ratio}");
+    let last = fair["last"]["round"].as_u64().unwrap();
+    assert_eq!(released(&dir.path().join("fair")), Some(last));
+}

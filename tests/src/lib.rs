@@ -54,13 +54,26 @@ impl Franchise {
         max_rounds: u64,
         extra: &str,
     ) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let root = dir.path();
-        let data = synth::generate(&SynthConfig {
+        let synth = SynthConfig {
             sites,
             customers_per_site: customers,
             ..SynthConfig::default()
-        });
+        };
+        Self::with_data(&synth, max_rounds, extra, &[])
+    }
+
+    /// A franchise generated from `synth`; sites keep `audit_columns` as
+    /// audit-only attributes.
+    pub fn with_data(
+        synth: &SynthConfig,
+        max_rounds: u64,
+        extra: &str,
+        audit_columns: &[&str],
+    ) -> anyhow::Result<Self> {
+        let sites = synth.sites;
+        let dir = tempfile::tempdir()?;
+        let root = dir.path();
+        let data = synth::generate(synth);
         let menu_path = root.join("menu.csv");
         data.menu.write_csv(std::fs::File::create(&menu_path)?)?;
         let pki = PkiDir::new(&root.join("pki"));
@@ -91,7 +104,11 @@ impl Franchise {
             synth::write_orders_csv(&site.rows, std::fs::File::create(&orders)?)?;
             let config = AgentConfig::load(&out.join(bundle::AGENT_CONFIG))?;
             let store = SiteStore::open(&config.store_path_created()?)?;
-            import_file(&store, &orders, &data.menu, &ImportOptions::default())?;
+            let options = ImportOptions {
+                audit_columns: audit_columns.iter().map(ToString::to_string).collect(),
+                ..ImportOptions::default()
+            };
+            import_file(&store, &orders, &data.menu, &options)?;
             bundles.push((site.site.clone(), out));
         }
         Ok(Self {

@@ -90,6 +90,7 @@ async fn each_role_can_do_exactly_what_it_should() -> anyhow::Result<()> {
         ("GET", "/api/v1/rounds".into(), [true, true, true]),
         ("GET", "/api/v1/sites".into(), [true, true, true]),
         ("GET", "/api/v1/models".into(), [true, true, true]),
+        ("GET", "/api/v1/fairness".into(), [true, true, true]),
         ("GET", "/api/v1/metrics".into(), [true, true, true]),
         ("GET", "/api/v1/activity".into(), [true, true, true]),
         ("GET", "/api/v1/audit".into(), [false, true, false]),
@@ -104,6 +105,11 @@ async fn each_role_can_do_exactly_what_it_should() -> anyhow::Result<()> {
         (
             "POST",
             "/api/v1/models/0/rollback".into(),
+            [false, false, true],
+        ),
+        (
+            "POST",
+            "/api/v1/models/0/release".into(),
             [false, false, true],
         ),
         (
@@ -153,6 +159,8 @@ async fn each_role_can_do_exactly_what_it_should() -> anyhow::Result<()> {
             ("training_started", &by),
             ("rollback_requested", &by),
             ("model_rolled_back", &Value::Null),
+            ("release_requested", &by),
+            ("model_released", &by),
             ("site_revoked", &by),
         ]
     );

@@ -79,6 +79,20 @@ async fn the_dashboard_renders_live_training_in_headless_chromium() -> anyhow::R
     let mut f = Franchise::new(3, 30, 1)?;
     f.coordinator.rounds.max_rounds = None;
     f.coordinator.privacy.planned_rounds = Some(20);
+    // Audit every version (cheaply: the sites' 30 customers make every group too small to report).
+    f.coordinator.audit = Some(potluck_coordinator::config::AuditSection {
+        attributes: [(
+            "age_band".to_string(),
+            vec!["18-24".to_string(), "65+".to_string()],
+        )]
+        .into(),
+        min_group_size: 20,
+        noise_multiplier: 20.0,
+        every_rounds: 1,
+        delta: 1e-6,
+        lineage: "audit".into(),
+        gate: Default::default(),
+    });
     let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
     let viewer = f.state()?.create_token("wall-screen", Role::Viewer)?;
     let configs = (0..3)
@@ -122,6 +136,10 @@ async fn the_dashboard_renders_live_training_in_headless_chromium() -> anyhow::R
     }
     assert!(dom.contains("spent of 4"), "the privacy budget is shown");
     assert!(dom.contains("round_completed"), "the audit tail is shown");
+    assert!(
+        dom.contains("age_band: worst-to-best HR@10") && dom.contains("suppressed"),
+        "the latest fairness audit is shown"
+    );
     assert!(
         dom.matches(r#"<td class="ok">completed</td>"#).count() >= 3,
         "completed rounds listed"

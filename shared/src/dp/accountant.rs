@@ -129,7 +129,26 @@ pub fn epsilon(step: &Step, steps: u64, delta: f64) -> Guarantee {
 /// within `target` ε at `delta`, to a relative precision of 1e-4; `None` if
 /// even a noise multiplier of 10⁴ does not.
 pub fn calibrate(target: f64, sampling_rate: f64, steps: u64, delta: f64) -> Option<f64> {
-    let spent = |z: f64| epsilon(&Step::gaussian(sampling_rate, z), steps, delta).epsilon;
+    calibrate_with_reserve(target, sampling_rate, steps, delta, None)
+}
+
+/// As [`calibrate`], keeping room in the budget for `count` runs of a
+/// `reserve` step (the fairness audits of the models trained).
+pub fn calibrate_with_reserve(
+    target: f64,
+    sampling_rate: f64,
+    steps: u64,
+    delta: f64,
+    reserve: Option<(&Step, u64)>,
+) -> Option<f64> {
+    let spent = |z: f64| {
+        let mut spent = Accountant::default();
+        spent.compose(&Step::gaussian(sampling_rate, z), steps);
+        if let Some((reserve, count)) = reserve {
+            spent.compose(reserve, count);
+        }
+        spent.epsilon(delta).epsilon
+    };
     let (mut low, mut high) = (1e-3, 1e4);
     if spent(high) > target {
         return None;

@@ -245,10 +245,16 @@ pub struct Contribution {
 }
 
 impl Contribution {
-    /// An empty contribution to a model of `params` parameters.
+    /// An empty contribution to a model of `params` parameters (and the count).
     pub fn new(params: usize) -> Self {
+        Self::of_length(params + 1)
+    }
+
+    /// An empty contribution of vectors of `length` values, with no count
+    /// coordinate (a fairness audit counts in its own slots).
+    pub fn of_length(length: usize) -> Self {
         Self {
-            sum: vec![0; params + 1],
+            sum: vec![0; length],
             units: 0,
         }
     }
@@ -269,7 +275,18 @@ impl Contribution {
         let delta_bound = (privacy.clip_norm.powi(2) - weight.powi(2)).sqrt();
         clip_l2(&mut delta, delta_bound);
         delta.push(weight);
-        let rounded = conditional_round(&delta, privacy.scale, privacy.rounded_bound, rng);
+        self.add_vector(privacy, delta, rng);
+    }
+
+    /// Add one unit's whole vector: clipped to the clip norm, rounded within Δ.
+    pub fn add_vector<R: CryptoRng + ?Sized>(
+        &mut self,
+        privacy: &RoundPrivacy,
+        mut vector: Vec<f32>,
+        rng: &mut R,
+    ) {
+        clip_l2(&mut vector, privacy.clip_norm);
+        let rounded = conditional_round(&vector, privacy.scale, privacy.rounded_bound, rng);
         for (acc, r) in self.sum.iter_mut().zip(rounded) {
             *acc += r;
         }

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::split_aggregate;
 use crate::dp::{Accountant, PrivacyUnit, RoundPrivacy, Step};
+use crate::fairness::{AuditSpec, FairnessReport, Gate};
 use crate::ids::{ModelVersion, RoundId, SiteId};
 use crate::model::{GlobalModel, ModelError, SpecHash, check_vector};
 use crate::secagg::{self, Encoding, Outcome, Setup};
@@ -49,6 +50,32 @@ pub struct RoundConfig {
     pub secagg_phase_timeout: Duration,
     /// Distributed differential privacy and its budget; `None`: no noise.
     pub privacy: Option<PrivacyPolicy>,
+    /// Fairness audits and the release gate; `None`: every model is served at once.
+    pub audit: Option<AuditPolicy>,
+}
+
+/// How model versions are audited for fairness before they are served.
+///
+/// A version is audited when training finishes (by `max_rounds` or the
+/// budget), after a rollback, and every `every_rounds` rounds if set. Until a
+/// version passes, sites keep serving the last one released.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPolicy {
+    /// Audit-only attributes and their declared groups.
+    pub attributes: BTreeMap<String, Vec<String>>,
+    /// Groups with fewer customers (by the noisy count) are not reported.
+    pub min_group_size: u64,
+    /// Noise standard deviation on the sums over the per-customer bound.
+    pub noise_multiplier: f64,
+    /// Audit every this many completed rounds as well (0: only the final version).
+    pub every_rounds: u64,
+    /// The thresholds a version must meet to be served.
+    pub gate: Gate,
+    /// The ledger lineage audits are charged to: the training lineage when
+    /// privacy is on, so that one budget covers both.
+    pub lineage: String,
+    /// The δ the audit's ε is stated at when training has no privacy policy.
+    pub delta: f64,
 }
 
 /// The privacy a model lineage is trained under.
@@ -88,6 +115,7 @@ impl Default for RoundConfig {
             modulus_bits: 32,
             secagg_phase_timeout: Duration::from_secs(30),
             privacy: None,
+            audit: None,
         }
     }
 }
@@ -167,6 +195,42 @@ pub enum CoordinatorEvent {
     },
     /// `max_rounds` rounds have completed, or the budget is spent; no more will open.
     TrainingFinished,
+    /// A fairness audit opened; its round number is charged like a training round's.
+    AuditOpened {
+        /// The audit's round.
+        round: RoundId,
+        /// The version audited.
+        model_version: ModelVersion,
+        /// The sites asked.
+        cohort: Vec<SiteId>,
+    },
+    /// A version was audited: `failures` is empty when it passed the gate and
+    /// was released, else it is held.
+    AuditCompleted(Box<AuditOutcome>),
+    /// An audit could not finish; the version stays unreleased.
+    AuditAbandoned {
+        /// The audit's round.
+        round: RoundId,
+        /// The version.
+        model_version: ModelVersion,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The result of a fairness audit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditOutcome {
+    /// The audit's round.
+    pub round: RoundId,
+    /// The figures.
+    pub report: FairnessReport,
+    /// The gate's objections; empty if the version was released.
+    pub failures: Vec<String>,
+    /// ε of the lineage after the audit, at `delta`.
+    pub epsilon: f64,
+    /// δ.
+    pub delta: f64,
 }
 
 /// The privacy of a completed round.
@@ -276,6 +340,54 @@ struct Training {
     secagg: Option<Box<SecureRound>>,
     /// The round's privacy, its ε after it, and the noisy unit count once unmasked.
     privacy: Option<(RoundPrivacy, f64, f64)>,
+    /// Set when the round audits a version instead of training.
+    audit: Option<AuditRun>,
+}
+
+impl Training {
+    /// A round asking `cohort`, with nothing received yet. A secure round's
+    /// sum arrives whole from its secure aggregation `server`; a plain round
+    /// sets `sum` to zeros of the model's length.
+    fn new(
+        round: RoundId,
+        cohort: BTreeSet<SiteId>,
+        server: Option<secagg::Server>,
+        now: Instant,
+        deadline: Instant,
+    ) -> Self {
+        Self {
+            round,
+            pending: cohort.clone(),
+            cohort,
+            contributors: Vec::new(),
+            dropped: 0,
+            sum: Vec::new(),
+            received: 0,
+            loss_sum: 0.0,
+            opened: now,
+            deadline,
+            bytes: 0,
+            secagg: server.map(|server| {
+                Box::new(SecureRound {
+                    phase: server.phase(),
+                    server,
+                    phase_started: now,
+                    phases: Vec::new(),
+                })
+            }),
+            privacy: None,
+            audit: None,
+        }
+    }
+}
+
+/// What an audit round needs at its end.
+#[derive(Debug)]
+struct AuditRun {
+    spec: AuditSpec,
+    version: ModelVersion,
+    /// Training had finished before the audit opened.
+    finished: bool,
 }
 
 /// The secure aggregation server of a round, and its phase timing.
@@ -317,6 +429,12 @@ pub struct Coordinator {
     paused: bool,
     /// A rollback waiting for the current round to end: the version and its parameters.
     rollback: Option<(ModelVersion, Vec<f32>)>,
+    /// The version sites serve, if any.
+    released: Option<Arc<GlobalModel>>,
+    /// The current version needs an audit before it can be released.
+    audit_due: bool,
+    /// Audits of the current version abandoned so far.
+    audit_attempts: u32,
     transmits: VecDeque<Transmit>,
     events: VecDeque<CoordinatorEvent>,
 }
@@ -325,9 +443,11 @@ impl Coordinator {
     /// Start from `model` (the latest stored version); the next round is `next_round`.
     pub fn new(config: RoundConfig, model: GlobalModel, next_round: RoundId) -> Self {
         let spec_hash = model.spec.hash();
+        let model = Arc::new(model);
         Self {
+            released: config.audit.is_none().then(|| model.clone()),
             config,
-            model: Arc::new(model),
+            model,
             spec_hash,
             connected: BTreeSet::new(),
             phase: Phase::Idle,
@@ -340,6 +460,8 @@ impl Coordinator {
             spent: Accountant::default(),
             paused: false,
             rollback: None,
+            audit_due: false,
+            audit_attempts: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -363,7 +485,26 @@ impl Coordinator {
         self
     }
 
+    /// The version sites serve (from durable state). Without an audit policy
+    /// the current model is always served.
+    /// `audited`: whether the current version has an audit already (a held
+    /// version is not audited again at every restart).
+    pub fn with_released(mut self, released: Option<GlobalModel>, audited: bool) -> Self {
+        self.released = match &self.config.audit {
+            None => Some(self.model.clone()),
+            Some(_) => released.map(Arc::new),
+        };
+        // A restart after training finished audits an unaudited final version.
+        self.audit_due = matches!(self.phase, Phase::Finished) && self.needs_audit() && !audited;
+        self
+    }
+
     // ---- getters ----
+
+    /// The version sites serve, if any.
+    pub fn released(&self) -> Option<&Arc<GlobalModel>> {
+        self.released.as_ref()
+    }
 
     /// ε spent so far by this lineage, if privacy is on.
     pub fn epsilon_spent(&self) -> Option<f64> {
@@ -400,9 +541,10 @@ impl Coordinator {
         }
     }
 
-    /// Whether `max_rounds` rounds have completed.
+    /// Whether `max_rounds` rounds have completed (or the budget is spent)
+    /// and the last version's audit, if one is due, is over.
     pub fn is_finished(&self) -> bool {
-        matches!(self.phase, Phase::Finished)
+        matches!(self.phase, Phase::Finished) && !self.audit_due
     }
 
     /// Whether new rounds are held back.
@@ -430,6 +572,13 @@ impl Coordinator {
         self.try_open(now);
     }
 
+    /// Serve `model` (an operator's release of a held version): sites are told at once.
+    pub fn release(&mut self, model: GlobalModel) {
+        let model = Arc::new(model);
+        self.broadcast(self.release_message(&model));
+        self.released = Some(model);
+    }
+
     // ---- inputs ----
 
     /// A site finished its handshake with certificate `cert` (DER, verified by
@@ -438,9 +587,13 @@ impl Coordinator {
         self.connected.insert(site.clone());
         self.certs.insert(site.clone(), cert);
         self.send(
-            site,
+            site.clone(),
             Arc::new(CoordinatorMessage::Model(self.model.clone())),
         );
+        if let Some(released) = &self.released {
+            let message = self.release_message(released);
+            self.send(site, Arc::new(message));
+        }
         self.try_open(now);
     }
 
@@ -534,6 +687,15 @@ impl Coordinator {
     }
 
     // ---- internals ----
+
+    /// Serve `model`: the parameters travel only when sites do not hold them
+    /// as the current model.
+    fn release_message(&self, model: &Arc<GlobalModel>) -> CoordinatorMessage {
+        CoordinatorMessage::Release {
+            version: model.version,
+            model: (model.version != self.model.version).then(|| model.clone()),
+        }
+    }
 
     fn send(&mut self, to: SiteId, message: Arc<CoordinatorMessage>) {
         self.transmits.push_back(Transmit { to, message });
@@ -691,6 +853,12 @@ impl Coordinator {
                 };
         }
         match secure.server.poll_outcome() {
+            Some(Outcome::Completed { sum, contributors }) if t.audit.is_some() => {
+                let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+                    return;
+                };
+                self.close_audit(t, sum, contributors.len());
+            }
             Some(Outcome::Completed { sum, contributors }) => {
                 t.received = contributors.len();
                 t.dropped = t.cohort.len() - contributors.len();
@@ -712,12 +880,11 @@ impl Coordinator {
                 let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Idle) else {
                     return;
                 };
-                self.abandon(
-                    t.round,
-                    0,
-                    format!("secure aggregation aborted: {reason}"),
-                    now,
-                );
+                let reason = format!("secure aggregation aborted: {reason}");
+                match t.audit {
+                    Some(audit) => self.abandon_audit(t.round, audit, reason, true, now),
+                    None => self.abandon(t.round, 0, reason, now),
+                }
             }
             _ => {}
         }
@@ -780,6 +947,28 @@ impl Coordinator {
         let step = privacy.step(setup.cohort.len(), setup.threshold, setup.length);
         let spent = self.spent.epsilon(policy.delta).epsilon;
         let next = self.spent.after(&step, 1).epsilon(policy.delta).epsilon;
+        // Keep room for auditing the last version: the audit adds at least
+        // this much noise (the sites round its variance up).
+        let reserve = self
+            .config
+            .audit
+            .as_ref()
+            .map(|a| Step::gaussian(1.0, a.noise_multiplier));
+        let next_with_audit = match &reserve {
+            Some(audit) => {
+                self.spent
+                    .after(&step, 1)
+                    .after(audit, 1)
+                    .epsilon(policy.delta)
+                    .epsilon
+            }
+            None => next,
+        };
+        let next = if next_with_audit > policy.target_epsilon {
+            next_with_audit
+        } else {
+            next
+        };
         if next > policy.target_epsilon {
             self.events.push_back(CoordinatorEvent::BudgetExhausted {
                 spent,
@@ -787,7 +976,12 @@ impl Coordinator {
                 target: policy.target_epsilon,
             });
             self.phase = Phase::Finished;
-            self.events.push_back(CoordinatorEvent::TrainingFinished);
+            if self.needs_audit() {
+                // The last version is audited first; the audit has its own reserve.
+                self.audit_due = true;
+            } else {
+                self.events.push_back(CoordinatorEvent::TrainingFinished);
+            }
             return None;
         }
         self.spent.compose(&step, 1);
@@ -833,11 +1027,16 @@ impl Coordinator {
             params,
         });
         self.model = model.clone();
+        self.audit_attempts = 0;
         self.events.push_back(CoordinatorEvent::ModelRolledBack {
             from,
             model: model.clone(),
         });
-        self.broadcast(CoordinatorMessage::Model(model));
+        self.broadcast(CoordinatorMessage::Model(model.clone()));
+        match self.config.audit {
+            None => self.release(GlobalModel::clone(&model)),
+            Some(_) => self.audit_due = true,
+        }
     }
 
     fn try_open(&mut self, now: Instant) {
@@ -849,6 +1048,13 @@ impl Coordinator {
         }
         if self.connected.len() < self.config.min_sites.max(1) {
             self.gather_until = None;
+            return;
+        }
+        if self.audit_due
+            && matches!(self.phase, Phase::Idle | Phase::Finished)
+            && self.retry_at.is_none()
+        {
+            self.open_audit(now);
             return;
         }
         if !matches!(self.phase, Phase::Idle) || self.retry_at.is_some() {
@@ -900,19 +1106,21 @@ impl Coordinator {
         let privacy = match (privacy, &setup) {
             (Some(p), Some(setup)) => match self.charge(round, setup, &p) {
                 Some(epsilon) => Some((p, epsilon)),
-                None => return,
+                // The budget is spent: audit the last version if it is due.
+                None => return self.try_open(now),
             },
             _ => None,
         };
         self.next_round = round.next();
-        let task = CoordinatorMessage::RoundOpen(RoundTask {
+        let task = CoordinatorMessage::RoundOpen(Box::new(RoundTask {
             round,
             model_version: self.model.version,
             spec_hash: self.spec_hash,
             settings: self.config.settings.clone(),
             secagg: setup,
             privacy: privacy.as_ref().map(|(p, _)| p.clone()),
-        });
+            audit: None,
+        }));
         let task = Arc::new(task);
         for site in &cohort {
             self.send(site.clone(), task.clone());
@@ -923,39 +1131,17 @@ impl Coordinator {
             cohort: cohort.iter().cloned().collect(),
             secure: server.is_some(),
         });
-        let secagg = server.map(|server| {
-            Box::new(SecureRound {
-                phase: server.phase(),
-                server,
-                phase_started: now,
-                phases: Vec::new(),
-            })
-        });
-        let timeout = if secagg.is_some() {
+        let timeout = if server.is_some() {
             self.config.secagg_phase_timeout
         } else {
             self.config.train_timeout
         };
-        self.phase = Phase::Training(Training {
-            round,
-            cohort: cohort.clone(),
-            pending: cohort,
-            contributors: Vec::new(),
-            dropped: 0,
-            // In a secure round the sum arrives whole from the secure aggregation server.
-            sum: if secagg.is_some() {
-                Vec::new()
-            } else {
-                vec![0.0; self.model.params.len()]
-            },
-            received: 0,
-            loss_sum: 0.0,
-            opened: now,
-            deadline: now + timeout,
-            bytes: 0,
-            secagg,
-            privacy: privacy.map(|(p, epsilon)| (p, epsilon, 0.0)),
-        });
+        let mut training = Training::new(round, cohort, server, now, now + timeout);
+        if training.secagg.is_none() {
+            training.sum = vec![0.0; self.model.params.len()];
+        }
+        training.privacy = privacy.map(|(p, epsilon)| (p, epsilon, 0.0));
+        self.phase = Phase::Training(training);
         self.drive_secagg(now);
     }
 
@@ -1003,6 +1189,10 @@ impl Coordinator {
         self.events
             .push_back(CoordinatorEvent::ModelCommitted(model.clone()));
         self.broadcast(CoordinatorMessage::Model(model.clone()));
+        self.audit_attempts = 0;
+        if self.config.audit.is_none() {
+            self.release(GlobalModel::clone(&model));
+        }
         self.phase = Phase::Evaluating(Evaluating {
             summary: RoundSummary {
                 round: t.round,
@@ -1046,13 +1236,227 @@ impl Coordinator {
         self.events
             .push_back(CoordinatorEvent::RoundCompleted(Box::new(e.summary)));
         self.completed += 1;
+        let every = self.config.audit.as_ref().map_or(0, |a| a.every_rounds);
+        if every > 0 && self.completed.is_multiple_of(every) {
+            self.audit_due = true;
+        }
         if self
             .config
             .max_rounds
             .is_some_and(|max| self.completed >= max)
         {
             self.phase = Phase::Finished;
-            self.events.push_back(CoordinatorEvent::TrainingFinished);
+            if self.needs_audit() {
+                self.audit_due = true;
+            } else {
+                self.events.push_back(CoordinatorEvent::TrainingFinished);
+            }
+        }
+    }
+
+    /// Whether the current version still has to pass an audit to be served.
+    fn needs_audit(&self) -> bool {
+        self.config.audit.is_some()
+            && self.released.as_ref().map(|m| m.version) != Some(self.model.version)
+    }
+
+    /// The audit's spec, secure aggregation and privacy for the connected sites.
+    fn audit_setup(
+        &self,
+        policy: &AuditPolicy,
+    ) -> Result<(AuditSpec, Setup, RoundPrivacy), String> {
+        let spec =
+            AuditSpec::new(&policy.attributes, &self.model.spec.menu).map_err(|e| e.to_string())?;
+        let cohort: Vec<SiteId> = self.connected.iter().cloned().collect();
+        let n = cohort.len();
+        let threshold = self
+            .config
+            .threshold
+            .unwrap_or_else(|| Setup::default_threshold(n))
+            .min(n);
+        let delta = self
+            .config
+            .privacy
+            .as_ref()
+            .map_or(policy.delta, |p| p.delta);
+        let (privacy, encoding) = RoundPrivacy::plan(
+            &policy.lineage,
+            PrivacyUnit::Customer,
+            1.0,
+            policy.noise_multiplier,
+            spec.clip_norm(),
+            delta,
+            spec.length(),
+            n,
+            threshold,
+            self.config.modulus_bits,
+        )
+        .map_err(|e| e.to_string())?;
+        let setup = Setup {
+            cohort,
+            threshold,
+            encoding,
+            length: spec.length(),
+        };
+        setup.check().map_err(|e| e.to_string())?;
+        Ok((spec, setup, privacy))
+    }
+
+    /// Open a fairness audit of the current version with every connected site.
+    fn open_audit(&mut self, now: Instant) {
+        let Some(policy) = self.config.audit.clone() else {
+            self.audit_due = false;
+            return;
+        };
+        let round = self.next_round;
+        self.next_round = round.next();
+        let finished = matches!(self.phase, Phase::Finished);
+        let run = AuditRun {
+            spec: AuditSpec {
+                attributes: Vec::new(),
+                categories: Vec::new(),
+            },
+            version: self.model.version,
+            finished,
+        };
+        let (spec, setup, privacy) = match self.audit_setup(&policy) {
+            Ok(parts) => parts,
+            Err(reason) => return self.abandon_audit(round, run, reason, true, now),
+        };
+        let step = privacy.step(setup.cohort.len(), setup.threshold, setup.length);
+        let epsilon = self.spent.after(&step, 1).epsilon(privacy.delta).epsilon;
+        if let Some(p) = &self.config.privacy
+            && epsilon > p.target_epsilon
+        {
+            let reason = format!(
+                "the audit would take ε to {epsilon:.3}, above the target {}",
+                p.target_epsilon
+            );
+            return self.abandon_audit(round, run, reason, false, now);
+        }
+        let certs = setup
+            .cohort
+            .iter()
+            .map(|s| (s.clone(), self.certs.get(s).cloned().unwrap_or_default()))
+            .collect();
+        let server = match secagg::Server::new(round, setup.clone(), certs) {
+            Ok(server) => server,
+            Err(e) => return self.abandon_audit(round, run, e.to_string(), true, now),
+        };
+        self.spent.compose(&step, 1);
+        self.events.push_back(CoordinatorEvent::PrivacySpent {
+            round,
+            step,
+            epsilon,
+        });
+        let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(RoundTask {
+            round,
+            model_version: self.model.version,
+            spec_hash: self.spec_hash,
+            settings: self.config.settings.clone(),
+            secagg: Some(setup.clone()),
+            privacy: Some(privacy.clone()),
+            audit: Some(spec.clone()),
+        })));
+        for site in &setup.cohort {
+            self.send(site.clone(), task.clone());
+        }
+        self.events.push_back(CoordinatorEvent::AuditOpened {
+            round,
+            model_version: self.model.version,
+            cohort: setup.cohort.clone(),
+        });
+        let cohort: BTreeSet<SiteId> = setup.cohort.iter().cloned().collect();
+        self.audit_due = false;
+        let deadline = now + self.config.secagg_phase_timeout;
+        let mut training = Training::new(round, cohort, Some(server), now, deadline);
+        training.privacy = Some((privacy, epsilon, 0.0));
+        training.audit = Some(AuditRun { spec, ..run });
+        self.phase = Phase::Training(training);
+        self.drive_secagg(now);
+    }
+
+    /// Turn an audit's unmasked sum into its report, and release the version if it passes.
+    fn close_audit(&mut self, t: Training, sum: Vec<f64>, sites: usize) {
+        let (Some(audit), Some((privacy, epsilon, _)), Some(policy)) =
+            (t.audit, t.privacy, self.config.audit.clone())
+        else {
+            return;
+        };
+        // Every surviving site added its share of the noise.
+        let noise_std = (sites as f64 * privacy.local_variance.ceil()).sqrt() / privacy.scale;
+        let report = FairnessReport::from_sums(
+            audit.version.0,
+            &audit.spec,
+            &sum,
+            noise_std,
+            policy.min_group_size,
+            sites,
+        );
+        let outcome = match report {
+            Ok(report) => {
+                let failures = policy.gate.failures(&report);
+                if failures.is_empty() && audit.version == self.model.version {
+                    self.release(GlobalModel::clone(&self.model));
+                }
+                AuditOutcome {
+                    round: t.round,
+                    report,
+                    failures,
+                    epsilon,
+                    delta: privacy.delta,
+                }
+            }
+            Err(e) => {
+                self.events.push_back(CoordinatorEvent::AuditAbandoned {
+                    round: t.round,
+                    model_version: audit.version,
+                    reason: e.to_string(),
+                });
+                return self.after_audit(audit.finished);
+            }
+        };
+        self.audit_attempts = 0;
+        self.events
+            .push_back(CoordinatorEvent::AuditCompleted(Box::new(outcome)));
+        self.after_audit(audit.finished);
+    }
+
+    /// End an audit without figures; it is tried again (up to three times in
+    /// all) when `retry` and the version is still current.
+    fn abandon_audit(
+        &mut self,
+        round: RoundId,
+        audit: AuditRun,
+        reason: String,
+        retry: bool,
+        now: Instant,
+    ) {
+        const ATTEMPTS: u32 = 3;
+        self.broadcast(CoordinatorMessage::RoundAbandoned {
+            round,
+            reason: reason.clone(),
+        });
+        self.audit_attempts += 1;
+        self.audit_due = retry && self.audit_attempts < ATTEMPTS;
+        self.events.push_back(CoordinatorEvent::AuditAbandoned {
+            round,
+            model_version: audit.version,
+            reason,
+        });
+        self.retry_at = Some(now + self.config.retry_delay);
+        self.after_audit(audit.finished);
+    }
+
+    /// Back to where training was; a final version's audit ends the training.
+    fn after_audit(&mut self, finished: bool) {
+        if finished {
+            self.phase = Phase::Finished;
+            if !self.audit_due {
+                self.events.push_back(CoordinatorEvent::TrainingFinished);
+            }
+        } else {
+            self.phase = Phase::Idle;
         }
     }
 }

@@ -26,8 +26,8 @@ mod coordinator;
 mod site;
 
 pub use coordinator::{
-    Coordinator, CoordinatorEvent, PrivacyPolicy, PrivacySummary, RoundConfig, RoundSummary,
-    Transmit, Violation, cohort,
+    AuditOutcome, AuditPolicy, Coordinator, CoordinatorEvent, PrivacyPolicy, PrivacySummary,
+    RoundConfig, RoundSummary, Transmit, Violation, cohort,
 };
 pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step};
 

@@ -30,6 +30,16 @@ pub enum SiteEvent {
     },
     /// The round was abandoned; any training for it can stop.
     RoundAbandoned(RoundId),
+    /// Audit `model` for fairness with `task.audit` on the held-out data, then
+    /// call [`SiteSession::handle_contribution`] with the customers' vectors.
+    AuditRequested {
+        /// The audit's task.
+        task: Box<RoundTask>,
+        /// The version audited.
+        model: Arc<GlobalModel>,
+    },
+    /// Serve this model (recommend with it) from now on: it was released.
+    ServeModel(Arc<GlobalModel>),
 }
 
 /// The coordinator broke the protocol; the driver closes the connection.
@@ -125,6 +135,7 @@ impl SiteSession {
                 self.model = Some(model.clone());
                 self.events.push_back(SiteEvent::ModelReceived(model));
             }
+            CoordinatorMessage::Release { version, model } => self.on_release(version, model)?,
             CoordinatorMessage::RoundOpen(task) => self.on_round_open(task, rng),
             CoordinatorMessage::SecAgg { round, message } => {
                 self.on_secagg(round, message, now, rng)
@@ -300,7 +311,32 @@ impl SiteSession {
         Ok(())
     }
 
-    fn on_round_open<R: CryptoRng + ?Sized>(&mut self, task: RoundTask, rng: &mut R) {
+    fn on_release(
+        &mut self,
+        version: ModelVersion,
+        model: Option<Arc<GlobalModel>>,
+    ) -> Result<(), SiteSessionError> {
+        let model = match model {
+            Some(model) => {
+                model.validate()?;
+                if model.version != version {
+                    return Err(SiteSessionError::Unexpected(
+                        "release of a mislabelled model",
+                    ));
+                }
+                model
+            }
+            None => match &self.model {
+                Some(current) if current.version == version => current.clone(),
+                // A release of a version this site never held: it serves what it has.
+                _ => return Ok(()),
+            },
+        };
+        self.events.push_back(SiteEvent::ServeModel(model));
+        Ok(())
+    }
+
+    fn on_round_open<R: CryptoRng + ?Sized>(&mut self, task: Box<RoundTask>, rng: &mut R) {
         let model = match &self.model {
             Some(m) if m.version == task.model_version && m.spec.hash() == task.spec_hash => {
                 m.clone()
@@ -322,6 +358,25 @@ impl SiteSession {
                 return;
             }
         };
+        if let Some(spec) = &task.audit {
+            let checked = match (&task.privacy, &task.secagg) {
+                // Every held-out customer is in an audit: a lower sampling
+                // rate would undercount its cost in the ledger.
+                (Some(privacy), Some(setup))
+                    if setup.length == spec.length() && privacy.sampling_rate == 1.0 =>
+                {
+                    spec.check().map_err(|e| e.to_string())
+                }
+                _ => Err(
+                    "an audit must be private, securely aggregated, and as long as its spec"
+                        .to_string(),
+                ),
+            };
+            if let Err(reason) = checked {
+                self.decline(task.round, format!("audit refused: {reason}"));
+                return;
+            }
+        }
         if let Some(privacy) = &task.privacy {
             let checked = match &task.secagg {
                 Some(setup) => privacy.check(setup.length).map_err(|e| e.to_string()),
@@ -340,9 +395,9 @@ impl SiteSession {
             return;
         }
         self.round = Some(task.round);
-        self.events.push_back(SiteEvent::TrainRequested {
-            task: Box::new(task),
-            model,
+        self.events.push_back(match task.audit {
+            Some(_) => SiteEvent::AuditRequested { task, model },
+            None => SiteEvent::TrainRequested { task, model },
         });
     }
 }

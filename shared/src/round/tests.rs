@@ -27,6 +27,10 @@ enum Behaviour {
 }
 
 struct Harness {
+    /// Whether group "b" gets no hits in audits (a biased model).
+    biased: bool,
+    /// The model version each site serves.
+    serving: BTreeMap<SiteId, ModelVersion>,
     now: Instant,
     coordinator: Coordinator,
     sites: BTreeMap<SiteId, (SiteSession, Behaviour)>,
@@ -59,6 +63,8 @@ impl Harness {
             crate::tls::create_ca("Test", &[], crate::tls::Validity::days_from_now(1)).unwrap();
         let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
         let mut h = Self {
+            biased: false,
+            serving: BTreeMap::new(),
             now: Instant::now(),
             coordinator: Coordinator::new(config, model, RoundId(1)),
             sites: BTreeMap::new(),
@@ -150,6 +156,25 @@ impl Harness {
                             };
                             session.handle_evaluated(m.version, counts);
                         }
+                        SiteEvent::ServeModel(m) => {
+                            self.serving.insert(id.clone(), m.version);
+                        }
+                        SiteEvent::AuditRequested { task, .. }
+                            if *behaviour == Behaviour::Honest =>
+                        {
+                            let (spec, privacy) =
+                                (task.audit.as_ref().unwrap(), task.privacy.as_ref().unwrap());
+                            let mut contribution =
+                                crate::dp::Contribution::of_length(spec.length());
+                            for (attributes, outcome) in audit_customers(&id, self.biased) {
+                                contribution.add_vector(
+                                    privacy,
+                                    spec.customer_vector(&attributes, &outcome),
+                                    &mut self.rng,
+                                );
+                            }
+                            session.handle_contribution(&task, contribution, &mut self.rng);
+                        }
                         SiteEvent::TrainRequested { task, model }
                             if *behaviour == Behaviour::Honest =>
                         {
@@ -201,6 +226,28 @@ impl Harness {
             .filter(|e| matches!(e, CoordinatorEvent::RoundAbandoned { .. }))
             .count()
     }
+}
+
+/// Site `i`'s held-out customers: 30, a third in group "b"; half of the
+/// others hit, and of "b" too unless the model is biased.
+fn audit_customers(
+    id: &SiteId,
+    biased: bool,
+) -> Vec<(BTreeMap<String, String>, crate::fairness::CaseOutcome)> {
+    let i: u32 = id.as_str().trim_start_matches("site-").parse().unwrap();
+    (0..30u32)
+        .map(|j| {
+            let group = if j % 3 == 0 { "b" } else { "a" };
+            let hit = j % 2 == 0 && !(biased && group == "b");
+            let attributes = BTreeMap::from([("segment".to_string(), group.to_string())]);
+            let outcome = crate::fairness::CaseOutcome {
+                hit: f64::from(u8::from(hit)),
+                ndcg: if hit { 0.5 } else { 0.0 },
+                shown: vec![(i + j) % 3, 10 - (i + j) % 3],
+            };
+            (attributes, outcome)
+        })
+        .collect()
 }
 
 fn welcome() -> CoordinatorMessage {
@@ -392,9 +439,10 @@ fn sites_decline_rounds_for_a_model_they_do_not_hold() {
         settings: RoundConfig::default().settings,
         secagg: None,
         privacy: None,
+        audit: None,
     };
     s.handle_message(
-        CoordinatorMessage::RoundOpen(task),
+        CoordinatorMessage::RoundOpen(Box::new(task)),
         SystemTime::now(),
         &mut rng,
     )
@@ -457,9 +505,10 @@ fn the_site_clips_and_noises_its_update() {
         settings,
         secagg: None,
         privacy: None,
+        audit: None,
     };
     s.handle_message(
-        CoordinatorMessage::RoundOpen(task.clone()),
+        CoordinatorMessage::RoundOpen(Box::new(task.clone())),
         SystemTime::now(),
         &mut rng,
     )
@@ -785,4 +834,155 @@ fn rounds_completed_before_a_restart_count_against_max_rounds() {
     assert!(done.is_finished());
     let more = Coordinator::new(config(3, 5), model, RoundId(5)).with_completed(4);
     assert!(!more.is_finished());
+}
+
+/// Two rounds, then an audit by "segment" with a gate on the HR@10 ratio;
+/// training is private only when `noise_multiplier` is a usable one.
+fn audit_config(noise_multiplier: f64) -> RoundConfig {
+    let mut c = if noise_multiplier >= 1.0 {
+        private_config(50.0)
+    } else {
+        RoundConfig {
+            min_sites: 3,
+            cohort_wait: Duration::ZERO,
+            ..RoundConfig::default()
+        }
+    };
+    c.max_rounds = Some(2);
+    c.audit = Some(AuditPolicy {
+        attributes: BTreeMap::from([(
+            "segment".to_string(),
+            vec!["a".to_string(), "b".to_string()],
+        )]),
+        min_group_size: 10,
+        noise_multiplier,
+        every_rounds: 0,
+        gate: crate::fairness::Gate {
+            min_hr_ratio: Some(0.8),
+            ..Default::default()
+        },
+        lineage: "test".into(),
+        delta: 1e-6,
+    });
+    c
+}
+
+fn audits(h: &Harness) -> Vec<&AuditOutcome> {
+    h.events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::AuditCompleted(o) => Some(&**o),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The same figures computed centrally from every site's customers.
+fn central_hr(sites: usize, group: &str, biased: bool) -> (f64, f64) {
+    let all: Vec<_> = (0..sites)
+        .flat_map(|i| audit_customers(&site(i), biased))
+        .filter(|(a, _)| a["segment"] == group)
+        .collect();
+    let hits: f64 = all.iter().map(|(_, o)| o.hit).sum();
+    (all.len() as f64, hits / all.len() as f64)
+}
+
+#[test]
+fn an_audit_matches_the_central_figures_and_releases_a_fair_model() {
+    // Almost no noise: the sum is exact up to rounding.
+    let h = Harness::new(3, audit_config(1e-6));
+    assert!(h.coordinator.is_finished());
+    let audits = audits(&h);
+    assert_eq!(audits.len(), 1, "the final version is audited once");
+    let report = &audits[0].report;
+    assert_eq!(report.model_version, 2);
+    assert_eq!(report.sites, 3);
+    let groups = &report.attributes[0].groups;
+    for (figures, name) in groups.iter().zip(["a", "b"]) {
+        let (count, hr) = central_hr(3, name, false);
+        let customers = figures.customers.unwrap();
+        assert!(
+            (customers - count).abs() < 0.5,
+            "{name}: {customers} vs {count}"
+        );
+        assert!((figures.hr.unwrap().value - hr).abs() < 0.01, "{name}");
+    }
+    assert!(groups[2].suppressed(), "nobody is outside a and b");
+    assert!(audits[0].failures.is_empty(), "{:?}", audits[0].failures);
+    assert!(
+        h.sites
+            .keys()
+            .all(|s| h.serving.get(s) == Some(&ModelVersion(2)))
+    );
+    // The audit is charged to the ledger like a round, after the training rounds.
+    let spent: Vec<RoundId> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::PrivacySpent { round, .. } => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        spent,
+        [RoundId(3)],
+        "training was not private; the audit is"
+    );
+    assert!(matches!(
+        h.events.last(),
+        Some(CoordinatorEvent::TrainingFinished)
+    ));
+}
+
+#[test]
+fn a_biased_model_is_held_and_sites_keep_serving_nothing_new() {
+    let mut h = Harness::new(0, audit_config(1e-6));
+    h.biased = true;
+    for i in 0..3 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    let audits = audits(&h);
+    assert_eq!(audits.len(), 1);
+    assert_eq!(audits[0].report.attributes[0].worst.as_deref(), Some("b"));
+    assert!(
+        audits[0].failures[0].contains("segment: HR@10 of b"),
+        "{:?}",
+        audits[0].failures
+    );
+    assert!(
+        h.serving.is_empty(),
+        "no site was told to serve the held model"
+    );
+    assert!(h.coordinator.released().is_none());
+    // An operator's release reaches every site.
+    let model = GlobalModel::clone(h.coordinator.model());
+    h.coordinator.release(model);
+    h.pump();
+    assert!(
+        h.sites
+            .keys()
+            .all(|s| h.serving.get(s) == Some(&ModelVersion(2)))
+    );
+}
+
+#[test]
+fn audit_figures_carry_the_noise_the_report_states() {
+    let mut h = Harness::new(3, audit_config(2.0));
+    let audits = audits(&h);
+    let report = &audits[0].report;
+    assert!(
+        report.noise_std > 1.0,
+        "z = 2 on a bound of 2: {}",
+        report.noise_std
+    );
+    let (count, hr) = central_hr(3, "a", false);
+    let a = &report.attributes[0].groups[0];
+    let sd = report.noise_std;
+    assert!((a.customers.unwrap() - count).abs() < 5.0 * sd);
+    let e = a.hr.unwrap();
+    assert!(e.low < hr && hr < e.high, "{hr} outside {e:?}");
+    // Each noisy figure differs from the exact one.
+    assert_ne!(a.customers.unwrap(), count);
+    assert!(audits[0].epsilon > 0.0 && audits[0].epsilon < 10.0);
+    h.advance(Duration::from_secs(1));
 }

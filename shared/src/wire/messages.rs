@@ -55,13 +55,22 @@ pub enum CoordinatorMessage {
     /// The current global model: architecture, menu and parameters.
     Model(Arc<GlobalModel>),
     /// A round is open: train on the named model version and send an update.
-    RoundOpen(RoundTask),
+    RoundOpen(Box<RoundTask>),
     /// A secure aggregation message for a round.
     SecAgg {
         /// The round.
         round: RoundId,
         /// The message.
         message: crate::secagg::ServerMessage,
+    },
+    /// Serve `version` (recommend with it) from now on. `model` is `None`
+    /// when it is the current model the site was last sent, so the common case
+    /// costs no second download.
+    Release {
+        /// The version to serve.
+        version: ModelVersion,
+        /// Its parameters, when they are not the current model's.
+        model: Option<Arc<GlobalModel>>,
     },
     /// A round ended without a new model; drop any work for it.
     RoundAbandoned {
@@ -87,6 +96,9 @@ pub struct RoundTask {
     pub secagg: Option<crate::secagg::Setup>,
     /// Distributed differential privacy for this round; `None` when it is off.
     pub privacy: Option<crate::dp::RoundPrivacy>,
+    /// When set, the round does not train: it audits `model_version` for
+    /// fairness, summing per-group figures instead of model updates.
+    pub audit: Option<crate::fairness::AuditSpec>,
 }
 
 /// Local training settings and the privacy bounds applied to the update.
