@@ -867,7 +867,8 @@ impl State {
         let last: Option<u64> = self
             .conn
             .query_row(
-                "SELECT MAX(round) FROM (SELECT round FROM rounds UNION ALL SELECT round FROM privacy)",
+                "SELECT MAX(round) FROM (SELECT round FROM rounds UNION ALL SELECT round FROM privacy
+                 UNION ALL SELECT round FROM fairness)",
                 [],
                 |r| r.get(0),
             )

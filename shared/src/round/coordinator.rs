@@ -1260,14 +1260,22 @@ impl Coordinator {
             && self.released.as_ref().map(|m| m.version) != Some(self.model.version)
     }
 
-    /// The audit's spec, secure aggregation and privacy for the connected sites.
+    /// The audit's spec, secure aggregation and privacy: with every connected
+    /// site, or a cohort drawn as for training when `cohort_size` is set
+    /// (secure aggregation's cost grows with the square of the cohort).
     fn audit_setup(
         &self,
         policy: &AuditPolicy,
+        round: RoundId,
     ) -> Result<(AuditSpec, Setup, RoundPrivacy), String> {
         let spec =
             AuditSpec::new(&policy.attributes, &self.model.spec.menu).map_err(|e| e.to_string())?;
-        let cohort: Vec<SiteId> = self.connected.iter().cloned().collect();
+        let cohort: Vec<SiteId> = match self.config.cohort_size {
+            Some(size) => cohort(&self.connected, size, self.config.cohort_seed, round),
+            None => self.connected.clone(),
+        }
+        .into_iter()
+        .collect();
         let n = cohort.len();
         let threshold = self
             .config
@@ -1319,7 +1327,7 @@ impl Coordinator {
             version: self.model.version,
             finished,
         };
-        let (spec, setup, privacy) = match self.audit_setup(&policy) {
+        let (spec, setup, privacy) = match self.audit_setup(&policy, round) {
             Ok(parts) => parts,
             Err(reason) => return self.abandon_audit(round, run, reason, true, now),
         };
