@@ -20,6 +20,22 @@ pub struct FairnessView {
     pub previous: Option<FairnessRecord>,
     /// The version sites serve now.
     pub serving: Option<u64>,
+    /// Each figure's change since `previous`, where both have it.
+    pub changes: Vec<Change>,
+}
+
+/// How one group's figures, or (without `group`) an attribute's
+/// worst-to-best ratios, changed since the previous released version.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Change {
+    /// The attribute.
+    pub attribute: String,
+    /// The group; `None` for the attribute's ratios.
+    pub group: Option<String>,
+    /// Change of HR@10 (or of its worst-to-best ratio).
+    pub hr: Option<f64>,
+    /// Change of NDCG@10 (or of its worst-to-best ratio).
+    pub ndcg: Option<f64>,
 }
 
 /// The audit of `version` (default: the latest audited), with its comparison.
@@ -27,11 +43,50 @@ pub fn view(state: &State, version: Option<u64>) -> Result<Option<FairnessView>,
     let Some(audit) = state.fairness(version)? else {
         return Ok(None);
     };
+    let previous = state.previous_released_fairness(audit.model_version)?;
+    let changes = match (
+        &audit.report,
+        previous.as_ref().and_then(|p| p.report.as_ref()),
+    ) {
+        (Some(now), Some(before)) => changes(&now.attributes, &before.attributes),
+        _ => Vec::new(),
+    };
     Ok(Some(FairnessView {
-        previous: state.previous_released_fairness(audit.model_version)?,
+        previous,
         serving: state.released_version()?,
         audit,
+        changes,
     }))
+}
+
+/// Differences of every figure present in both audits.
+fn changes(now: &[AttributeFigures], before: &[AttributeFigures]) -> Vec<Change> {
+    let diff = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a - b);
+    let value = |e: Option<Estimate>| e.map(|e| e.value);
+    let mut out = Vec::new();
+    for a in now {
+        let Some(b) = before.iter().find(|b| b.attribute == a.attribute) else {
+            continue;
+        };
+        out.push(Change {
+            attribute: a.attribute.clone(),
+            group: None,
+            hr: diff(a.hr_ratio, b.hr_ratio),
+            ndcg: diff(a.ndcg_ratio, b.ndcg_ratio),
+        });
+        for g in &a.groups {
+            let Some(old) = b.groups.iter().find(|o| o.group == g.group) else {
+                continue;
+            };
+            out.push(Change {
+                attribute: a.attribute.clone(),
+                group: Some(g.group.clone()),
+                hr: diff(value(g.hr), value(old.hr)),
+                ndcg: diff(value(g.ndcg), value(old.ndcg)),
+            });
+        }
+    }
+    out
 }
 
 fn pct(e: Option<Estimate>) -> String {
@@ -40,11 +95,8 @@ fn pct(e: Option<Estimate>) -> String {
     })
 }
 
-fn change(now: Option<Estimate>, before: Option<Estimate>) -> String {
-    match (now, before) {
-        (Some(a), Some(b)) => format!("{:+.3}", a.value - b.value),
-        _ => "-".into(),
-    }
+fn signed(change: Option<f64>) -> String {
+    change.map_or("-".into(), |c| format!("{c:+.3}"))
 }
 
 fn ratio(value: Option<f64>) -> String {
@@ -130,15 +182,27 @@ pub fn markdown(view: &FairnessView) -> String {
                 .iter()
                 .find(|a| a.attribute == attribute.attribute)
         });
-        attribute_section(&mut out, attribute, before, &report.categories);
+        attribute_section(&mut out, attribute, before, view, &report.categories);
     }
     out
+}
+
+/// The change of `group` (or, for `None`, of the ratios) of `attribute`.
+fn change_of<'a>(
+    view: &'a FairnessView,
+    attribute: &str,
+    group: Option<&str>,
+) -> Option<&'a Change> {
+    view.changes
+        .iter()
+        .find(|c| c.attribute == attribute && c.group.as_deref() == group)
 }
 
 fn attribute_section(
     out: &mut String,
     a: &AttributeFigures,
     before: Option<&AttributeFigures>,
+    view: &FairnessView,
     categories: &[String],
 ) {
     let _ = writeln!(out, "\n## {}\n", a.attribute);
@@ -148,7 +212,7 @@ fn attribute_section(
     );
     let _ = writeln!(out, "|---|---:|---|---:|---|---:|");
     for g in &a.groups {
-        let old = before.and_then(|b| b.groups.iter().find(|o| o.group == g.group));
+        let change = change_of(view, &a.attribute, Some(&g.group));
         match g.customers {
             Some(n) => {
                 let _ = writeln!(
@@ -156,9 +220,9 @@ fn attribute_section(
                     "| {} | {n:.0} | {} | {} | {} | {} |",
                     g.group,
                     pct(g.hr),
-                    change(g.hr, old.and_then(|o| o.hr)),
+                    signed(change.and_then(|c| c.hr)),
                     pct(g.ndcg),
-                    change(g.ndcg, old.and_then(|o| o.ndcg)),
+                    signed(change.and_then(|c| c.ndcg)),
                 );
             }
             None => {
@@ -181,10 +245,15 @@ fn attribute_section(
         ratio(a.ndcg_ratio),
         was(before.and_then(|b| b.ndcg_ratio))
     );
-    exposure_section(out, a, categories);
+    exposure_section(out, a, before, categories);
 }
 
-fn exposure_section(out: &mut String, a: &AttributeFigures, categories: &[String]) {
+fn exposure_section(
+    out: &mut String,
+    a: &AttributeFigures,
+    before: Option<&AttributeFigures>,
+    categories: &[String],
+) {
     let reported: Vec<&GroupFigures> = a.groups.iter().filter(|g| !g.suppressed()).collect();
     if reported.is_empty() {
         return;
@@ -203,9 +272,12 @@ fn exposure_section(out: &mut String, a: &AttributeFigures, categories: &[String
     if !a.exposure_gaps.is_empty() {
         let _ = writeln!(out, "\nLargest exposure gaps:\n");
         for gap in a.exposure_gaps.iter().take(GAPS_NAMED) {
+            let was = before
+                .and_then(|b| b.exposure_gaps.iter().find(|g| g.category == gap.category))
+                .map_or(String::new(), |g| format!(", was {:.0}", 100.0 * g.gap()));
             let _ = writeln!(
                 out,
-                "- {}: {:.0}% of the top 10 for {}, {:.0}% for {} (a gap of {:.0} percentage points)",
+                "- {}: {:.0}% of the top 10 for {}, {:.0}% for {} (a gap of {:.0} percentage points{was})",
                 gap.category,
                 100.0 * gap.most.1,
                 gap.most.0,
@@ -269,10 +341,22 @@ mod tests {
 
     #[test]
     fn the_report_names_the_verdict_the_gap_and_the_change_since_the_last_release() {
+        let (audit, previous) = (
+            record(5, 20, "held", &["band: HR@10 of b is 0.50 of a's"]),
+            record(3, 36, "passed", &[]),
+        );
+        let changes = changes(
+            &audit.report.as_ref().unwrap().attributes,
+            &previous.report.as_ref().unwrap().attributes,
+        );
+        let ratios = &changes[0];
+        assert_eq!(ratios.group, None);
+        assert!((ratios.hr.unwrap() + 0.4).abs() < 1e-9, "{ratios:?}");
         let view = FairnessView {
-            audit: record(5, 20, "held", &["band: HR@10 of b is 0.50 of a's"]),
-            previous: Some(record(3, 36, "passed", &[])),
+            audit,
+            previous: Some(previous),
             serving: Some(3),
+            changes,
         };
         let text = markdown(&view);
         assert!(
@@ -291,7 +375,9 @@ mod tests {
         assert!(text.contains("**0.50** (was 0.90): b against a"), "{text}");
         assert!(text.contains("| (other or unstated) | suppressed |"));
         assert!(
-            text.contains("- drinks: 50% of the top 10 for b, 0% for a"),
+            text.contains(
+                "- drinks: 50% of the top 10 for b, 0% for a (a gap of 50 percentage points, was 50)"
+            ),
             "{text}"
         );
     }

@@ -409,7 +409,7 @@ struct SynthArgs {
     #[arg(long, value_name = "AGE_BAND", conflicts_with = "no_sensitive")]
     planted_bias: Option<String>,
     /// The minority's share of customers, with --planted-bias.
-    #[arg(long, default_value_t = PlantedBias::default_group().share, requires = "planted_bias")]
+    #[arg(long, default_value_t = PlantedBias::default_group().share, requires = "planted_bias", value_parser = sampling_rate)]
     bias_share: f64,
 }
 

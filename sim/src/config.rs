@@ -360,6 +360,11 @@ impl SimConfig {
         if !(p.alpha > 0.0 && p.alpha.is_finite()) {
             return Err("partition.alpha: a positive number".into());
         }
+        if let DataConfig::Synthetic { bias_share, .. } = &self.data
+            && !(*bias_share > 0.0 && *bias_share < 1.0)
+        {
+            return Err("data.bias_share: a share of customers in (0, 1)".into());
+        }
         let rates = &self.faults.dropout;
         for (name, rate) in [
             ("advertise", rates.advertise),
@@ -516,6 +521,10 @@ mod tests {
         assert!(
             err("rounds = 3\n[sweep]\nsetting = \"rounds.x\"\nvalues = [1]\n")
                 .contains("sweep.setting")
+        );
+        assert!(
+            err("rounds = 3\n[data]\nsource = \"synthetic\"\nplanted_bias = \"65+\"\nbias_share = 1.5\n")
+                .contains("data.bias_share")
         );
     }
 }
