@@ -573,11 +573,7 @@ impl State {
         by: &str,
         reason: &str,
     ) -> Result<(), StateError> {
-        if self.model(target)?.is_none() {
-            return Err(StateError::Refused(format!(
-                "there is no model version {target}; `model list` shows the versions"
-            )));
-        }
+        self.require_model(target)?;
         self.transact(|tx| {
             tx.execute(
                 "INSERT INTO rollbacks (target, requested_by, reason, requested_at) VALUES (?1, ?2, ?3, ?4)",
@@ -589,6 +585,16 @@ impl State {
                 serde_json::json!({"to": target, "by": by, "reason": reason}),
             )
         })
+    }
+
+    /// Refuse an operator's request naming a version that is not stored.
+    fn require_model(&self, version: u64) -> Result<(), StateError> {
+        match self.model(version)? {
+            Some(_) => Ok(()),
+            None => Err(StateError::Refused(format!(
+                "there is no model version {version}; `model list` shows the versions"
+            ))),
+        }
     }
 
     /// The latest rollback asked for and not applied.
@@ -778,11 +784,7 @@ impl State {
         by: &str,
         reason: &str,
     ) -> Result<(), StateError> {
-        if self.model(version)?.is_none() {
-            return Err(StateError::Refused(format!(
-                "there is no model version {version}; `model list` shows the versions"
-            )));
-        }
+        self.require_model(version)?;
         if reason.trim().is_empty() {
             return Err(StateError::Refused(
                 "a release needs a reason, for the audit log".into(),

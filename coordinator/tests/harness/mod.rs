@@ -162,6 +162,8 @@ impl Franchise {
         let child = Command::new(BIN)
             .args(["serve", "--config", &self.config.display().to_string()])
             .env("RUST_LOG", "info,potluck_coordinator=debug")
+            // An error's message, not a backtrace, in the log's last lines.
+            .env("RUST_BACKTRACE", "0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
