@@ -352,7 +352,7 @@ fn endpoint(
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = std::net::UdpSocket::bind(listen)?;
+    let socket = transport::burst_socket(listen)?;
     quinn::Endpoint::new(
         config,
         Some(server_config),

@@ -3,9 +3,12 @@
 //! Each frame's length is checked against the maximum before its body is
 //! allocated; a bad frame is an error for the caller to close the connection with.
 
+use std::net::SocketAddr;
+
 use quinn::{RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::wire::codec::{self, CodecError};
 use crate::wire::frame::{self, FrameError, HEADER_LEN};
@@ -65,6 +68,38 @@ impl From<CloseCode> for VarInt {
     fn from(code: CloseCode) -> Self {
         VarInt::from_u32(code as u32)
     }
+}
+
+/// The UDP buffer size asked of the kernel for an endpoint that many sites
+/// talk to at once.
+///
+/// Every site sends its masked input at the same moment, and in a simulation
+/// every virtual site receives the new model at once: with Linux's usual
+/// 208 KiB buffer the kernel drops most of that burst and QUIC then waits on
+/// loss recovery. The kernel caps the size at `net.core.rmem_max` and
+/// `net.core.wmem_max`.
+pub const BURST_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `addr`, for a QUIC endpoint that takes bursts from
+/// many peers: its buffers are [`BURST_BUFFER`] or as near as the kernel allows
+/// (a warning says when it allows less).
+pub fn burst_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer only slows bursts down.
+    let _ = socket.set_recv_buffer_size(BURST_BUFFER);
+    let _ = socket.set_send_buffer_size(BURST_BUFFER);
+    socket.bind(&addr.into())?;
+    // Linux reports twice what it grants (it counts its bookkeeping too).
+    let granted = socket.recv_buffer_size()?;
+    if granted < BURST_BUFFER {
+        tracing::warn!(
+            granted_bytes = granted,
+            wanted_bytes = BURST_BUFFER,
+            "the kernel capped the UDP receive buffer; with many sites, raise \
+             net.core.rmem_max and net.core.wmem_max (see the README)"
+        );
+    }
+    Ok(socket.into())
 }
 
 /// Read one message; `Ok(None)` when the peer finished the stream cleanly between frames.

@@ -227,7 +227,13 @@ pub async fn run(
     let started = Instant::now();
     let mut child = Coordinator::spawn(&prepared.coordinator_toml, &log, &peak_file)?;
     let (stop, stopped) = watch::channel(false);
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    // One socket carries every virtual site's traffic: it takes their bursts.
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        potluck_shared::transport::burst_socket("127.0.0.1:0".parse()?)?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
     let slots = config
         .compute
         .slots

@@ -15,7 +15,11 @@
 //!   arXiv:2004.00010): `ε = rdp + ln(1 - 1/α) - ln(δ·α)/(α - 1)`, minimised
 //!   over the orders.
 //!
-//! Pure functions and one value type: no clock, no storage.
+//! Pure functions and one value type: no clock, no storage (a process only
+//! remembers the curves it computed).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -85,11 +89,16 @@ pub struct Guarantee {
 pub struct Accountant {
     orders: Vec<f64>,
     rdp: Vec<f64>,
+    /// Whether `orders` are [`default_orders`], whose curves are remembered.
+    default_orders: bool,
 }
 
 impl Default for Accountant {
     fn default() -> Self {
-        Self::new(default_orders())
+        Self {
+            default_orders: true,
+            ..Self::new(default_orders())
+        }
     }
 }
 
@@ -97,13 +106,22 @@ impl Accountant {
     /// Nothing spent, at these orders.
     pub fn new(orders: Vec<f64>) -> Self {
         let rdp = vec![0.0; orders.len()];
-        Self { orders, rdp }
+        Self {
+            orders,
+            rdp,
+            default_orders: false,
+        }
     }
 
     /// Add `count` runs of `step` (RDP composes by addition).
     pub fn compose(&mut self, step: &Step, count: u64) {
-        for (order, total) in self.orders.iter().zip(self.rdp.iter_mut()) {
-            *total += step.rdp(*order) * count as f64;
+        let curve = if self.default_orders {
+            default_curve(step)
+        } else {
+            self.orders.iter().map(|order| step.rdp(*order)).collect()
+        };
+        for (total, rdp) in self.rdp.iter_mut().zip(curve.iter()) {
+            *total += rdp * count as f64;
         }
     }
 
@@ -118,6 +136,41 @@ impl Accountant {
     pub fn epsilon(&self, delta: f64) -> Guarantee {
         epsilon_from_rdp(&self.orders, &self.rdp, delta)
     }
+}
+
+/// RDP curves at the default orders, by the bits of their step's fields.
+type Curves = HashMap<[u64; 3], Arc<[f64]>>;
+
+/// Distinct steps whose curves a process remembers at most.
+const MAX_CURVES: usize = 256;
+
+/// `step`'s RDP at the default orders. A curve costs milliseconds (fractional
+/// orders sum up to a thousand terms), and every ledger charge and every
+/// virtual site of a simulation asks for the same few, so a process computes
+/// each once.
+fn default_curve(step: &Step) -> Arc<[f64]> {
+    static CURVES: OnceLock<Mutex<Curves>> = OnceLock::new();
+    let key = [
+        step.sampling_rate.to_bits(),
+        step.noise_multiplier.to_bits(),
+        step.discrete_tau_d.to_bits(),
+    ];
+    let curves = CURVES.get_or_init(Mutex::default);
+    let remembered = curves
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    if let Some(curve) = remembered {
+        return curve;
+    }
+    let curve: Arc<[f64]> = default_orders().iter().map(|o| step.rdp(*o)).collect();
+    let mut curves = curves.lock().unwrap_or_else(|e| e.into_inner());
+    if curves.len() >= MAX_CURVES {
+        curves.clear();
+    }
+    curves.insert(key, curve.clone());
+    curve
 }
 
 /// ε of `steps` runs of `step` at `delta`.

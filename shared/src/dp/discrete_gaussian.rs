@@ -89,7 +89,12 @@ fn acceptance_exponent(abs_y: u64, t: u64, variance: u64) -> Option<Ratio> {
 
 /// `true` with probability `num / den`.
 fn bernoulli<R: CryptoRng + ?Sized>(num: u128, den: u128, rng: &mut R) -> bool {
-    rng.random_range(0..den) < num
+    // Exact either way; a 64-bit draw is several times cheaper, and denominators
+    // almost always fit.
+    match u64::try_from(den) {
+        Ok(den) => u128::from(rng.random_range(0..den)) < num,
+        Err(_) => rng.random_range(0..den) < num,
+    }
 }
 
 /// `true` with probability `exp(-γ)` (Algorithm 1).

@@ -21,11 +21,12 @@ enum Phase {
     Done,
 }
 
-#[derive(Debug, Clone)]
 struct Peer {
-    cipher_pk: [u8; 32],
     mask_pk: [u8; 32],
     verify_key: [u8; 32],
+    /// The X25519 secret agreed with the peer's cipher key: it keys the
+    /// shares sent and those received.
+    cipher_agreed: Zeroizing<[u8; 32]>,
 }
 
 /// One site's side of secure aggregation for one round.
@@ -43,6 +44,8 @@ pub struct Client {
     cipher_secret: Zeroizing<Scalar>,
     mask_secret: Zeroizing<Scalar>,
     self_secret: Zeroizing<Scalar>,
+    /// This site's advertised keys (cipher, mask), to recognise its roster entry.
+    advertised: ([u8; 32], [u8; 32]),
     phase: Phase,
     peers: BTreeMap<SiteId, Peer>,
     /// Shares held, by owner: (share of its mask key, share of its self-mask secret).
@@ -104,6 +107,7 @@ impl Client {
             cipher_secret,
             mask_secret,
             self_secret,
+            advertised: (cipher_pk, mask_pk),
             phase: Phase::Advertised,
             peers: BTreeMap::new(),
             held: BTreeMap::new(),
@@ -175,10 +179,7 @@ impl Client {
         }
         for entry in entries.iter() {
             let peer = self.verify_entry(entry, now)?;
-            if entry.site == self.me
-                && (entry.cipher_pk != crypto::x25519_public(&self.cipher_secret)
-                    || entry.mask_pk != crypto::x25519_public(&self.mask_secret))
-            {
+            if entry.site == self.me && (entry.cipher_pk, entry.mask_pk) != self.advertised {
                 return Err(ClientError::OwnKeysAltered);
             }
             self.peers.insert(entry.site.clone(), peer);
@@ -201,13 +202,7 @@ impl Client {
             let mut plain = Zeroizing::new([0u8; 64]);
             plain[..32].copy_from_slice(&mask_parts[i].value);
             plain[32..].copy_from_slice(&self_parts[i].value);
-            let key = crypto::share_key(
-                &self.cipher_secret,
-                &peer.cipher_pk,
-                self.round,
-                &self.me,
-                site,
-            );
+            let key = crypto::share_key(&peer.cipher_agreed, self.round, &self.me, site);
             sealed.push((
                 site.clone(),
                 crypto::seal(&key, self.round, &self.me, site, plain.as_ref()),
@@ -243,9 +238,9 @@ impl Client {
             return Err(ClientError::BadSignature(entry.site.clone()));
         }
         Ok(Peer {
-            cipher_pk: entry.cipher_pk,
             mask_pk: entry.mask_pk,
             verify_key: verified.public_key,
+            cipher_agreed: crypto::agree(&self.cipher_secret, &entry.cipher_pk),
         })
     }
 
@@ -267,13 +262,7 @@ impl Client {
             if self.held.contains_key(&sender) {
                 return Err(ClientError::BadRosterEntry(sender));
             }
-            let key = crypto::share_key(
-                &self.cipher_secret,
-                &peer.cipher_pk,
-                self.round,
-                &sender,
-                &self.me,
-            );
+            let key = crypto::share_key(&peer.cipher_agreed, self.round, &sender, &self.me);
             let plain = crypto::open(&key, self.round, &sender, &self.me, &ciphertext)
                 .filter(|p| p.len() == 64)
                 .ok_or_else(|| ClientError::BadShare(sender.clone()))?;

@@ -168,17 +168,23 @@ fn hkdf(ikm: &[u8], label: &[u8], context: &[&[u8]]) -> Zeroizing<[u8; 32]> {
     key
 }
 
-/// The key that encrypts shares from `from` to `to` in `round`.
+/// The X25519 secret two sites share: computed once a round per peer, it
+/// keys the shares in both directions.
+pub fn agree(secret: &Scalar, peer_public: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let dh = x25519_secret(secret).diffie_hellman(&PublicKey::from(*peer_public));
+    Zeroizing::new(dh.to_bytes())
+}
+
+/// The key that encrypts shares from `from` to `to` in `round`, from the
+/// secret the two agreed ([`agree`]).
 pub fn share_key(
-    secret: &Scalar,
-    peer_public: &[u8; 32],
+    agreed: &[u8; 32],
     round: RoundId,
     from: &SiteId,
     to: &SiteId,
 ) -> Zeroizing<[u8; 32]> {
-    let dh = x25519_secret(secret).diffie_hellman(&PublicKey::from(*peer_public));
     hkdf(
-        dh.as_bytes(),
+        agreed,
         b"share-key",
         &[
             &round.0.to_be_bytes(),

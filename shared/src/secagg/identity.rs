@@ -2,12 +2,14 @@
 //! the survivor list with its certificate's Ed25519 key; peers check the
 //! certificate against the franchise CA and the signature against it.
 
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use ring::signature::{ED25519, Ed25519KeyPair, UnparsedPublicKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
+use sha2::{Digest, Sha256};
 
 use crate::ids::SiteId;
 use crate::tls::{self, TlsError};
@@ -65,10 +67,26 @@ impl SiteSigner {
 }
 
 /// Checks peers' certificates against the franchise CA.
+///
+/// A certificate whose chain checked out is remembered (by its SHA-256) with
+/// its validity window, so later rounds check only the dates: a site meets
+/// the same peers round after round.
 #[derive(Clone)]
 pub struct PeerVerifier {
     verifier: Arc<dyn ClientCertVerifier>,
+    checked: Arc<Mutex<HashMap<[u8; 32], Checked>>>,
 }
+
+/// A certificate whose chain checked out.
+#[derive(Debug, Clone)]
+struct Checked {
+    peer: VerifiedPeer,
+    /// Its validity window, in seconds since 1970.
+    valid: std::ops::RangeInclusive<i64>,
+}
+
+/// Certificates remembered at most; past it the memory starts afresh.
+const MAX_CHECKED: usize = 16_384;
 
 impl std::fmt::Debug for PeerVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,15 +116,42 @@ impl PeerVerifier {
         )
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-        Ok(Self { verifier })
+        Ok(Self {
+            verifier,
+            checked: Arc::default(),
+        })
     }
 
     /// Verify a certificate's chain and validity at `now`; return its site and key.
     pub fn verify(&self, cert: &[u8], now: SystemTime) -> Result<VerifiedPeer, String> {
-        let der = CertificateDer::from(cert.to_vec());
         let since_epoch = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_err(|_| "clock before 1970".to_string())?;
+        let digest: [u8; 32] = Sha256::digest(cert).into();
+        let seconds = i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX);
+        if let Some(checked) = self.remembered(&digest)
+            && checked.valid.contains(&seconds)
+        {
+            return Ok(checked.peer);
+        }
+        let checked = self.check_chain(cert, since_epoch)?;
+        let peer = checked.peer.clone();
+        let mut remembered = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        if remembered.len() >= MAX_CHECKED {
+            remembered.clear();
+        }
+        remembered.insert(digest, checked);
+        Ok(peer)
+    }
+
+    fn remembered(&self, digest: &[u8; 32]) -> Option<Checked> {
+        let remembered = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        remembered.get(digest).cloned()
+    }
+
+    /// The full check: chain, dates, and an Ed25519 key naming a site.
+    fn check_chain(&self, cert: &[u8], since_epoch: Duration) -> Result<Checked, String> {
+        let der = CertificateDer::from(cert.to_vec());
         self.verifier
             .verify_client_cert(&der, &[], UnixTime::since_unix_epoch(since_epoch))
             .map_err(|e| format!("certificate rejected: {e}"))?;
@@ -122,8 +167,18 @@ impl PeerVerifier {
             .as_ref()
             .try_into()
             .map_err(|_| "malformed Ed25519 key".to_string())?;
-        Ok(VerifiedPeer { site, public_key })
+        Ok(Checked {
+            peer: VerifiedPeer { site, public_key },
+            valid: validity(cert)?,
+        })
     }
+}
+
+/// A certificate's validity window, in seconds since 1970.
+fn validity(cert: &[u8]) -> Result<std::ops::RangeInclusive<i64>, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
+    let validity = parsed.validity();
+    Ok(validity.not_before.timestamp()..=validity.not_after.timestamp())
 }
 
 /// Check an Ed25519 signature.
@@ -131,4 +186,37 @@ pub fn signature_valid(public_key: &[u8; 32], message: &[u8], signature: &[u8]) 
     UnparsedPublicKey::new(&ED25519, public_key)
         .verify(message, signature)
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use rustls::pki_types::pem::PemObject;
+
+    use super::*;
+    use crate::tls::Validity;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_remembered_certificate_is_still_refused_once_it_expires() {
+        let (ca, _) = tls::create_ca("Test", &[], Validity::days_from_now(30)).unwrap();
+        let site = SiteId::new("site-1").unwrap();
+        let creds = tls::issue_site_cert(&ca, &site, Validity::days_from_now(2)).unwrap();
+        let cert = der(&creds.cert_pem);
+        let verifier = PeerVerifier::new(der(&ca.cert_pem)).unwrap();
+        let now = SystemTime::now();
+        let first = verifier.verify(&cert, now).unwrap();
+        assert_eq!(first.site, site);
+        // Remembered: the same answer, and a clone shares the memory.
+        assert_eq!(verifier.clone().verify(&cert, now).unwrap(), first);
+        let later = now + Duration::from_secs(3 * 86_400);
+        let err = verifier.verify(&cert, later).unwrap_err();
+        assert!(err.contains("expired"), "{err}");
+    }
 }
