@@ -307,12 +307,13 @@ impl Agent {
                             if matches!(message, CoordinatorMessage::Welcome { .. }) {
                                 backoff.reset();
                             }
-                            session.handle_message(message, std::time::SystemTime::now(), &mut rand::rng())?;
+                            let now = std::time::SystemTime::now();
+                            cpu_bound(|| session.handle_message(message, now, &mut rand::rng()))?;
                         }
                         Some(Err(e)) => return Err(SessionError::Transport(e)),
                         None => return Err(SessionError::Closed),
                     },
-                    Some(result) = done.recv() => self.apply(result, &mut session),
+                    Some(result) = done.recv() => cpu_bound(|| self.apply(result, &mut session)),
                 }
             }
         }
@@ -485,6 +486,18 @@ impl WorkerContext {
         };
         drop(permit);
         done
+    }
+}
+
+/// Run work of tens of milliseconds (secure aggregation's key agreements and
+/// masks, a private round's noise) from a session: on a multi-threaded
+/// runtime the worker hands its other tasks, QUIC's endpoint driver among
+/// them, to another thread meanwhile, so that datagrams keep being read.
+fn cpu_bound<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
     }
 }
 

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 /// What virtual sites of one process share.
 #[derive(Debug, Clone)]
 pub struct Simulation {
-    /// The one client endpoint every virtual site connects through.
+    /// The client endpoint this virtual site connects through (a few share one).
     pub endpoint: quinn::Endpoint,
     /// Training and evaluation jobs running at once, across sites.
     pub compute: Arc<tokio::sync::Semaphore>,

@@ -225,30 +225,28 @@ pub async fn run(
     let peak_file = logs.join("coordinator.peak-kib");
     let log = logs.join("coordinator.log");
     let started = Instant::now();
+    // Bound before the coordinator starts, and never on its port, so that no
+    // site socket can take the port the coordinator is about to bind.
+    let coordinator_port = prepared.sites.first().map(|s| s.coordinator.port());
+    let endpoints = site_endpoints(prepared.sites.len(), coordinator_port)?;
     let mut child = Coordinator::spawn(&prepared.coordinator_toml, &log, &peak_file)?;
     let (stop, stopped) = watch::channel(false);
-    // One socket carries every virtual site's traffic: it takes their bursts.
-    let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        potluck_shared::transport::burst_socket("127.0.0.1:0".parse()?)?,
-        Arc::new(quinn::TokioRuntime),
-    )?;
     let slots = config
         .compute
         .slots
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let simulation = Simulation {
-        endpoint: endpoint.clone(),
-        compute: Arc::new(tokio::sync::Semaphore::new(slots)),
-        seed: config.seed,
-        faults: config.faults.clone(),
-    };
+    let compute = Arc::new(tokio::sync::Semaphore::new(slots));
     let mut tasks = tokio::task::JoinSet::new();
-    for site in &prepared.sites {
+    for (site, endpoint) in prepared.sites.iter().zip(endpoints.iter().cycle()) {
+        let simulation = Simulation {
+            endpoint: endpoint.clone(),
+            compute: compute.clone(),
+            seed: config.seed,
+            faults: config.faults.clone(),
+        };
         let agent = Agent::new(site.clone())
             .with_context(|| format!("starting site {}", site.site_id))?
-            .simulated(simulation.clone());
+            .simulated(simulation);
         let mut stopped = stopped.clone();
         tasks.spawn(agent.run(async move {
             let _ = stopped.wait_for(|s| *s).await;
@@ -265,7 +263,9 @@ pub async fn run(
             tracing::warn!(error = %e, "a virtual site failed");
         }
     }
-    endpoint.close(0u32.into(), b"simulation over");
+    for endpoint in &endpoints {
+        endpoint.close(0u32.into(), b"simulation over");
+    }
     let sites_peak_kib = peak_kib();
     child.stop();
     result?;
@@ -359,6 +359,40 @@ impl Admin {
         })
         .await?
     }
+}
+
+/// Virtual sites sharing one UDP socket at most. A deployed site has a socket
+/// of its own; sharing one among many, the model broadcast overflows its
+/// buffer and QUIC stalls on loss recovery, which a real federation would not.
+const SITES_PER_SOCKET: usize = 10;
+
+/// The sites' QUIC endpoints: one per [`SITES_PER_SOCKET`] sites, none on
+/// the `avoid` port.
+fn site_endpoints(sites: usize, avoid: Option<u16>) -> Result<Vec<quinn::Endpoint>> {
+    let mut sockets = Vec::new();
+    // A socket that landed on the avoided port is held until the end, so the
+    // next bind cannot land there again.
+    let mut held = Vec::new();
+    while sockets.len() < sites.div_ceil(SITES_PER_SOCKET).max(1) {
+        let socket = potluck_shared::transport::burst_socket("127.0.0.1:0".parse()?)?;
+        if Some(socket.local_addr()?.port()) == avoid {
+            held.push(socket);
+        } else {
+            sockets.push(socket);
+        }
+    }
+    drop(held);
+    sockets
+        .into_iter()
+        .map(|socket| {
+            Ok(quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )?)
+        })
+        .collect()
 }
 
 /// The coordinator child process.
