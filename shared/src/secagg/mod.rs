@@ -33,7 +33,7 @@
 //!    where `x_u` is the encoded update ([`Encoding`]), `<` orders site IDs as
 //!    strings, `s_uv = HKDF(salt = D, ikm = X25519(s_u, s_pk_v), info = "pairwise-mask" ‖ round ‖ min(u,v) ‖ max(u,v))`
 //!    and the self seed is `HKDF(salt = D, ikm = b_u bytes, info = "self-mask" ‖ round)`.
-//!    `PRG(seed)` is the ChaCha20 keystream (key = seed, 96-bit zero nonce,
+//!    `PRG(seed)` is the ChaCha12 keystream (key = seed, 96-bit zero nonce,
 //!    block counter from 0), read as little-endian `u32` words, each reduced
 //!    modulo `2^bits`. The coordinator adds each `y_u` into one running sum.
 //! 5. **Consistency check.** The coordinator names the survivors `U3` (the
@@ -172,7 +172,7 @@ pub enum ClientMessage {
     /// Step 3: one ciphertext per other roster member.
     EncryptedShares(Vec<(SiteId, Vec<u8>)>),
     /// Step 4.
-    MaskedInput(Vec<u32>),
+    MaskedInput(#[serde(with = "words")] Vec<u32>),
     /// Step 5.
     SurvivorSignature(Vec<u8>),
     /// Step 6: self-mask shares of survivors and mask-key shares of dropped sites.
@@ -254,3 +254,44 @@ pub enum ClientError {
 
 #[cfg(test)]
 mod tests;
+
+/// A masked vector on the wire: little-endian 32-bit words in one byte
+/// string. Masked words are uniformly random, so varints would spend five
+/// bytes on most of them.
+mod words {
+    use serde::de::{Error, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(words: &[u32], serializer: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        serializer.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        deserializer.deserialize_bytes(Words)
+    }
+
+    struct Words;
+
+    impl Visitor<'_> for Words {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a byte string of little-endian 32-bit words")
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Vec<u32>, E> {
+            if bytes.len() % 4 != 0 {
+                return Err(E::invalid_length(bytes.len(), &self));
+            }
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+                .collect())
+        }
+
+        fn visit_byte_buf<E: Error>(self, bytes: Vec<u8>) -> Result<Vec<u32>, E> {
+            self.visit_bytes(&bytes)
+        }
+    }
+}
