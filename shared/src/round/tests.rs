@@ -983,7 +983,10 @@ fn audit_figures_carry_the_noise_the_report_states() {
     // The interval is 95% (±1.96 sd); one seeded run is one draw, so the
     // exact figure must lie within 3.5 of the sds the interval states.
     let sd_hr = (e.high - e.low) / (2.0 * 1.96);
-    assert!((e.value - hr).abs() < 3.5 * sd_hr, "{hr} too far from {e:?}");
+    assert!(
+        (e.value - hr).abs() < 3.5 * sd_hr,
+        "{hr} too far from {e:?}"
+    );
     // Each noisy figure differs from the exact one.
     assert_ne!(a.customers.unwrap(), count);
     assert!(audits[0].epsilon > 0.0 && audits[0].epsilon < 10.0);

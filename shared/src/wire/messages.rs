@@ -230,7 +230,9 @@ mod tests {
 
     #[test]
     fn a_masked_input_travels_as_four_bytes_a_word() {
-        let words: Vec<u32> = (0..1000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        let words: Vec<u32> = (0..1000u32)
+            .map(|i| i.wrapping_mul(2_654_435_761))
+            .collect();
         let msg = SiteMessage::SecAgg {
             round: RoundId(3),
             message: crate::secagg::ClientMessage::MaskedInput(words),
@@ -243,7 +245,9 @@ mod tests {
         let words_at = short.len() - 4000;
         short[words_at - 2..words_at].copy_from_slice(&3999u16.to_le_bytes());
         short.pop();
-        let err = codec::decode::<SiteMessage>(&short).unwrap_err().to_string();
+        let err = codec::decode::<SiteMessage>(&short)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("32-bit words"), "{err}");
     }
 
