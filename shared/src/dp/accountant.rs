@@ -89,16 +89,11 @@ pub struct Guarantee {
 pub struct Accountant {
     orders: Vec<f64>,
     rdp: Vec<f64>,
-    /// Whether `orders` are [`default_orders`], whose curves are remembered.
-    default_orders: bool,
 }
 
 impl Default for Accountant {
     fn default() -> Self {
-        Self {
-            default_orders: true,
-            ..Self::new(default_orders())
-        }
+        Self::new(default_orders())
     }
 }
 
@@ -106,16 +101,12 @@ impl Accountant {
     /// Nothing spent, at these orders.
     pub fn new(orders: Vec<f64>) -> Self {
         let rdp = vec![0.0; orders.len()];
-        Self {
-            orders,
-            rdp,
-            default_orders: false,
-        }
+        Self { orders, rdp }
     }
 
     /// Add `count` runs of `step` (RDP composes by addition).
     pub fn compose(&mut self, step: &Step, count: u64) {
-        let curve = if self.default_orders {
+        let curve = if self.orders == default_orders_once() {
             default_curve(step)
         } else {
             self.orders.iter().map(|order| step.rdp(*order)).collect()
@@ -136,6 +127,12 @@ impl Accountant {
     pub fn epsilon(&self, delta: f64) -> Guarantee {
         epsilon_from_rdp(&self.orders, &self.rdp, delta)
     }
+}
+
+/// [`default_orders`], computed once.
+fn default_orders_once() -> &'static [f64] {
+    static ORDERS: OnceLock<Vec<f64>> = OnceLock::new();
+    ORDERS.get_or_init(default_orders)
 }
 
 /// RDP curves at the default orders, by the bits of their step's fields.
@@ -164,7 +161,7 @@ fn default_curve(step: &Step) -> Arc<[f64]> {
     if let Some(curve) = remembered {
         return curve;
     }
-    let curve: Arc<[f64]> = default_orders().iter().map(|o| step.rdp(*o)).collect();
+    let curve: Arc<[f64]> = default_orders_once().iter().map(|o| step.rdp(*o)).collect();
     let mut curves = curves.lock().unwrap_or_else(|e| e.into_inner());
     if curves.len() >= MAX_CURVES {
         curves.clear();
