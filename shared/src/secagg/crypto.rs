@@ -280,7 +280,7 @@ pub fn self_seed(secret: &Scalar, round: RoundId) -> Zeroizing<[u8; 32]> {
 /// The mask is the ChaCha12 keystream (key `seed`, zero nonce, counter from 0)
 /// read as little-endian `u32` words, each reduced modulo `2^bits`. Twelve
 /// rounds, as `rand`'s `StdRng`: the best attacks reach seven, and masking is
-/// a site's largest cost (twenty rounds took 40% longer).
+/// a site's largest cost (twenty rounds took a third longer).
 pub fn apply_mask(acc: &mut [u32], seed: &[u8; 32], bits: u32, subtract: bool) {
     let modulus_mask = modulus_mask(bits);
     let mut cipher = chacha20::ChaCha12::new(seed.into(), &[0u8; 12].into());

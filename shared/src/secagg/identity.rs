@@ -167,18 +167,12 @@ impl PeerVerifier {
             .as_ref()
             .try_into()
             .map_err(|_| "malformed Ed25519 key".to_string())?;
+        let validity = parsed.validity();
         Ok(Checked {
             peer: VerifiedPeer { site, public_key },
-            valid: validity(cert)?,
+            valid: validity.not_before.timestamp()..=validity.not_after.timestamp(),
         })
     }
-}
-
-/// A certificate's validity window, in seconds since 1970.
-fn validity(cert: &[u8]) -> Result<std::ops::RangeInclusive<i64>, String> {
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
-    let validity = parsed.validity();
-    Ok(validity.not_before.timestamp()..=validity.not_after.timestamp())
 }
 
 /// Check an Ed25519 signature.
