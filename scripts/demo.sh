@@ -18,7 +18,7 @@ Usage: scripts/demo.sh [--out DIR] [--sites N] [--customers C] [--rounds R] [--p
   --epsilon E  the privacy budget per customer for the whole run, at delta 1e-6
                (default 4): the noise is calibrated so that R rounds fit in it
   --no-privacy no differential privacy noise (for comparison only)
-  --local-epochs N  local passes over the data per round (per customer in private rounds; default 2)
+  --local-epochs N  local passes over the data per round (per customer in private rounds; default 3)
   --server-lr L  step the coordinator applies to the averaged update
                (default 1 without privacy, and the coordinator's own default with it)
   --skip-local-only
@@ -45,7 +45,7 @@ EPSILON=4
 PRIVACY=true
 LOCAL_ONLY=true
 SERVER_LR=
-EPOCHS=2
+EPOCHS=3
 PORT=7443
 API_BASE=8477
 ADMIN_PORT=9478

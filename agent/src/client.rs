@@ -32,10 +32,10 @@ use crate::dataset::SiteData;
 use crate::evaluation::{self, evaluate};
 use crate::retention::purge_periodically;
 use crate::simulation::{Phase, Simulation, round_rng};
-use crate::store::{DEFAULT_WAIT, SiteStore, StoreError, StoreHandle};
-use crate::training::{Trained, private_contribution, train};
-use potluck_shared::dp::Contribution;
-use potluck_shared::model::{GlobalModel, Menu};
+use crate::store::{DEFAULT_WAIT, PriorRelease, SiteStore, StoreError, StoreHandle};
+use crate::training::{Trained, private_contribution, train_site};
+use potluck_shared::dp::{Contribution, Step};
+use potluck_shared::model::{GlobalModel, Menu, SitePrior};
 use potluck_shared::wire::EvalCounts;
 
 /// Why the agent cannot run.
@@ -392,7 +392,13 @@ impl Agent {
             Done::Trained(task, Ok(Work::Plain(trained))) => {
                 debug!(site = %self.config.site_id, round = %task.round, loss = trained.loss, "trained");
                 let mut rng = self.rng(task.round, "finish");
-                session.handle_trained(&task, trained.delta, trained.loss, &mut rng);
+                session.handle_trained(
+                    &task,
+                    trained.delta,
+                    trained.loss,
+                    trained.customers,
+                    &mut rng,
+                );
             }
             Done::Trained(task, Ok(Work::Private(contribution))) => {
                 debug!(site = %self.config.site_id, round = %task.round, units = contribution.units(), "trained");
@@ -568,11 +574,13 @@ fn train_for_round(
                 serde_json::json!({"round": task.round.0, "privacy": null}),
             )
             .map_err(|e| format!("cannot record the round in the audit log: {e}"))?;
-        return train(model, &data.train, &task.settings, rng.random())
+        return train_site(model, &data, &task.settings, rng.random())
             .map(Work::Plain)
             .map_err(|e| e.to_string());
     };
-    charge_ledger(context, task, privacy)?;
+    let mut data = data;
+    let release = prior_release(context, privacy, &mut data, rng)?;
+    charge_ledger(context, task, privacy, release.as_ref())?;
     private_contribution(model, &data, &task.settings, privacy, rng)
         .map(Work::Private)
         .map_err(|e| e.to_string())
@@ -593,18 +601,49 @@ fn audit_for_round(
         .store
         .with(|s| site_data(s, model))
         .map_err(|e| e.to_string())?;
-    charge_ledger(context, task, privacy)?;
+    charge_ledger(context, task, privacy, None)?;
     evaluation::audit(&model.spec, &model.params, &data, spec, privacy, rng)
         .map(Work::Private)
         .map_err(|e| e.to_string())
 }
 
-/// Record a private round's cost in this site's ledger and audit log, or
-/// refuse it when it would take ε above this site's own limit.
+/// The prior a private round trains with: the lineage's earlier release, or
+/// a new one (returned, to be charged with the round), or none when the
+/// round asks for none.
+fn prior_release<R: rand::CryptoRng + ?Sized>(
+    context: &WorkerContext,
+    privacy: &potluck_shared::dp::RoundPrivacy,
+    data: &mut SiteData,
+    rng: &mut R,
+) -> Result<Option<PriorRelease>, String> {
+    if privacy.prior_step().is_none() {
+        data.set_prior(SitePrior::default());
+        return Ok(None);
+    }
+    let stored = context
+        .store
+        .with(|s| s.prior_release())
+        .map_err(|e| e.to_string())?;
+    if let Some(stored) = stored.filter(|r| r.lineage == privacy.lineage) {
+        data.set_prior(SitePrior::from_counts(&stored.counts));
+        return Ok(None);
+    }
+    let release = PriorRelease {
+        lineage: privacy.lineage.clone(),
+        counts: data.release_prior(privacy.prior_noise_multiplier, rng),
+    };
+    data.set_prior(SitePrior::from_counts(&release.counts));
+    Ok(Some(release))
+}
+
+/// Record a private round's cost (and that of a new prior `release`) in this
+/// site's ledger and audit log, or refuse it when it would take ε above this
+/// site's own limit.
 fn charge_ledger(
     context: &WorkerContext,
     task: &RoundTask,
     privacy: &potluck_shared::dp::RoundPrivacy,
+    release: Option<&PriorRelease>,
 ) -> Result<(), String> {
     let WorkerContext {
         store,
@@ -613,14 +652,17 @@ fn charge_ledger(
         ..
     } = context;
     let step = privacy_step(task).ok_or("a private round without secure aggregation")?;
+    let prior = release.and(privacy.prior_step());
+    let steps: Vec<Step> = std::iter::once(step).chain(prior).collect();
     let spent = store
         .with(|s| {
             s.spend_privacy(
                 &privacy.lineage,
                 task.round,
-                step,
+                &steps,
                 limits.max_epsilon,
                 limits.delta,
+                release,
             )
         })
         .map_err(|e| e.to_string())?;
@@ -633,6 +675,7 @@ fn charge_ledger(
             "delta": limits.delta,
             "noise_multiplier": step.noise_multiplier,
             "sampling_rate": step.sampling_rate,
+            "prior_release_noise_multiplier": prior.map(|p| p.noise_multiplier),
             "purpose": if task.audit.is_some() { "fairness audit" } else { "training" },
         })
     };
@@ -697,11 +740,19 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Sto
             .cmp(b.orders.iter().map(|o| (o.time, o.items.as_slice())))
     });
 
-    Ok(SiteData::prepare(
+    let mut data = SiteData::prepare(
         &histories,
         model.spec.menu.len(),
         model.spec.history_decay,
-    ))
+    );
+    // Once a private lineage has released the prior, everything uses it, so
+    // that training, evaluation and the till see the same inputs.
+    if let Some(release) = store.prior_release()?
+        && release.counts.len() == model.spec.menu.len()
+    {
+        data.set_prior(SitePrior::from_counts(&release.counts));
+    }
+    Ok(data)
 }
 
 /// Tasks that live as long as the agent runs: aborted when it returns.

@@ -6,7 +6,9 @@
 //! examples, nor in the popularity counts. Only consenting customers are used,
 //! for training and for evaluation alike.
 
-use potluck_shared::model::{Example, history_weights, training_examples};
+use std::sync::Arc;
+
+use potluck_shared::model::{Example, SitePrior, topfreq_order, training_examples};
 
 use crate::store::CustomerHistory;
 
@@ -15,8 +17,8 @@ use crate::store::CustomerHistory;
 pub struct EvalCase {
     /// The order to predict, with the history before it.
     pub example: Example,
-    /// How often the customer ordered each item before (menu index, count).
-    pub personal: Vec<(u32, u32)>,
+    /// The items the customer ordered before, in GP-TopFreq order.
+    pub topfreq: Vec<u32>,
     /// The customer's audit-only attributes, for fairness audits.
     pub attributes: std::collections::BTreeMap<String, String>,
 }
@@ -32,6 +34,12 @@ pub struct SiteData {
     pub popularity: Vec<u32>,
     /// Each customer's training examples, as a range of `train`.
     pub customers: Vec<std::ops::Range<usize>>,
+    /// Per item, the sum over customers of their training-order counts
+    /// scaled to unit L2 norm: one customer moves it by at most 1 in L2,
+    /// which is what the prior's private release is calibrated to.
+    pub customer_popularity: Vec<f64>,
+    /// The site's prior over its menu, which every example carries.
+    pub prior: Arc<SitePrior>,
 }
 
 impl SiteData {
@@ -46,39 +54,72 @@ impl SiteData {
     pub fn prepare(histories: &[CustomerHistory], menu_len: usize, decay: f32) -> Self {
         let mut data = SiteData {
             popularity: vec![0; menu_len],
+            customer_popularity: vec![0.0; menu_len],
             ..Self::default()
         };
         for history in histories {
             let orders = &history.orders;
             let train_orders = if orders.len() >= 2 {
                 let (before, last) = orders.split_at(orders.len() - 1);
-                let mut counts = std::collections::BTreeMap::<u32, u32>::new();
-                for item in before.iter().flat_map(|o| &o.items) {
-                    *counts.entry(*item).or_default() += 1;
-                }
                 data.eval.push(EvalCase {
-                    example: Example {
-                        history: history_weights(before, decay),
-                        weekday: last[0].weekday,
-                        hour: last[0].hour,
-                        target: last[0].items.clone(),
-                    },
-                    personal: counts.into_iter().collect(),
+                    example: Example::new(before, last[0].context(), decay, last[0].items.clone()),
+                    topfreq: topfreq_order(before),
                     attributes: history.attributes.clone(),
                 });
                 before
             } else {
                 &orders[..]
             };
+            let mut own = std::collections::BTreeMap::<usize, f64>::new();
             for item in train_orders.iter().flat_map(|o| &o.items) {
                 if let Some(count) = data.popularity.get_mut(*item as usize) {
                     *count += 1;
+                    *own.entry(*item as usize).or_default() += 1.0;
                 }
+            }
+            let norm = own.values().map(|c| c * c).sum::<f64>().sqrt();
+            for (item, count) in own {
+                data.customer_popularity[item] += count / norm;
             }
             let start = data.train.len();
             data.train.extend(training_examples(train_orders, decay));
             data.customers.push(start..data.train.len());
         }
+        let counts: Vec<f64> = data.popularity.iter().map(|&c| f64::from(c)).collect();
+        data.set_prior(SitePrior::from_counts(&counts));
         data
+    }
+
+    /// A differentially private release of the site's popularity: the
+    /// per-customer popularity with Gaussian noise of standard deviation
+    /// `noise_multiplier` on every item (the sensitivity is 1). Released once
+    /// per lineage and charged to the ledger as a Gaussian mechanism over
+    /// every customer ([`potluck_shared::dp::RoundPrivacy::prior_step`]).
+    pub fn release_prior<R: rand::CryptoRng + ?Sized>(
+        &self,
+        noise_multiplier: f64,
+        rng: &mut R,
+    ) -> Vec<f64> {
+        use rand_distr::{Distribution, Normal};
+        let noise = Normal::new(0.0, noise_multiplier).unwrap_or_else(|_| {
+            Normal::new(0.0, 1.0).expect("a unit normal") // unreachable: checked at the round's start
+        });
+        self.customer_popularity
+            .iter()
+            .map(|c| c + noise.sample(rng))
+            .collect()
+    }
+
+    /// Give every example `prior` as the site's prior over its menu.
+    pub fn set_prior(&mut self, prior: SitePrior) {
+        let prior = Arc::new(prior);
+        self.prior = prior.clone();
+        let examples = self
+            .train
+            .iter_mut()
+            .chain(self.eval.iter_mut().map(|c| &mut c.example));
+        for example in examples {
+            example.prior = prior.clone();
+        }
     }
 }

@@ -3,8 +3,13 @@
 //! HR@10 is 1 when at least one item of the held-out order is among the top 10.
 //! NDCG@10 uses binary relevance over the order's items:
 //! DCG = Σ_{rank r ≤ 10, item relevant} 1/log2(r+1), divided by the ideal DCG
-//! of min(|order|, 10) relevant items at the top. Only sums and counts leave
-//! the site.
+//! of min(|order|, 10) relevant items at the top. Each is also computed on
+//! the order's repeat items (ordered by the customer before) and its new
+//! items, over the orders that have any. Only sums and counts leave the site.
+//!
+//! The baselines: site popularity, and GP-TopFreq, the customer's own most
+//! frequent items (ties to the more recently ordered, then menu order) with
+//! the site's most popular items in the free slots; the model has to beat it.
 
 use burn::tensor::Device;
 use potluck_shared::dp::{Contribution, RoundPrivacy};
@@ -13,7 +18,7 @@ use potluck_shared::model::{Batch, Example, ModelError, ModelSpec, Recommender};
 use potluck_shared::wire::{EvalCounts, MetricSums};
 use rand::CryptoRng;
 
-use crate::dataset::{EvalCase, SiteData};
+use crate::dataset::SiteData;
 
 /// Ranking cut-off.
 pub const K: usize = 10;
@@ -75,20 +80,55 @@ pub fn evaluate(
     let examples: Vec<&Example> = data.eval.iter().map(|c| &c.example).collect();
     let scores = score(spec, params, &examples)?;
     let popular = popularity_ranking(&data.popularity);
-    let mut counts = EvalCounts {
-        cases: data.eval.len() as u64,
-        ..EvalCounts::default()
-    };
+    let mut counts = EvalCounts::default();
     for (case, scores) in data.eval.iter().zip(&scores) {
-        let target = &case.example.target;
-        add(&mut counts.model, rank_metrics(&top_k(scores, K), target));
-        add(&mut counts.popularity, rank_metrics(&popular, target));
-        add(
-            &mut counts.personal,
-            rank_metrics(&personal_ranking(case, &popular), target),
-        );
+        let target = Target::of(&case.example);
+        counts.cases += 1;
+        counts.repeat_cases += u64::from(!target.repeat.is_empty());
+        counts.new_cases += u64::from(!target.new.is_empty());
+        target.add(&mut counts.model, &top_k(scores, K));
+        target.add(&mut counts.popularity, &popular);
+        target.add(&mut counts.personal, &gp_topfreq(&case.topfreq, &popular));
     }
     Ok(counts)
+}
+
+/// A held-out order's items, whole and split into repeat and new.
+struct Target<'a> {
+    all: &'a [u32],
+    repeat: Vec<u32>,
+    new: Vec<u32>,
+}
+
+impl<'a> Target<'a> {
+    fn of(example: &'a Example) -> Self {
+        let (repeat, new) = example
+            .target
+            .iter()
+            .partition(|&&item| example.has_ordered(item));
+        Self {
+            all: &example.target,
+            repeat,
+            new,
+        }
+    }
+
+    /// Add a ranking's metrics against each part that is not empty.
+    fn add(&self, sums: &mut MetricSums, ranked: &[u32]) {
+        let (hit, ndcg) = rank_metrics(ranked, self.all);
+        sums.hits += hit;
+        sums.ndcg += ndcg;
+        if !self.repeat.is_empty() {
+            let (hit, ndcg) = rank_metrics(ranked, &self.repeat);
+            sums.repeat_hits += hit;
+            sums.repeat_ndcg += ndcg;
+        }
+        if !self.new.is_empty() {
+            let (hit, ndcg) = rank_metrics(ranked, &self.new);
+            sums.new_hits += hit;
+            sums.new_ndcg += ndcg;
+        }
+    }
 }
 
 /// Each held-out customer's fairness-audit vector, summed for secure
@@ -130,22 +170,16 @@ pub fn audit<R: CryptoRng + ?Sized>(
     Ok(contribution)
 }
 
-fn add(sums: &mut MetricSums, (hit, ndcg): (f64, f64)) {
-    sums.hits += hit;
-    sums.ndcg += ndcg;
-}
-
-/// The site's top items by training-order count.
+/// The menu ordered by training-order count at the site (ties to menu order).
 pub fn popularity_ranking(popularity: &[u32]) -> Vec<u32> {
     let scores: Vec<f32> = popularity.iter().map(|&c| c as f32).collect();
-    top_k(&scores, K)
+    top_k(&scores, scores.len())
 }
 
-/// The customer's own most frequent items, then popular ones to fill the list.
-fn personal_ranking(case: &EvalCase, popular: &[u32]) -> Vec<u32> {
-    let mut own = case.personal.clone();
-    own.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let mut ranked: Vec<u32> = own.into_iter().map(|(i, _)| i).take(K).collect();
+/// GP-TopFreq: the customer's own items in GP-TopFreq order, then popular
+/// ones to fill the list.
+pub fn gp_topfreq(own: &[u32], popular: &[u32]) -> Vec<u32> {
+    let mut ranked: Vec<u32> = own.iter().copied().take(K).collect();
     for &item in popular {
         if ranked.len() >= K {
             break;

@@ -12,8 +12,11 @@
 //! personalised.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use potluck_shared::model::{Example, GlobalModel, HOURS, Menu, WEEKDAYS, history_weights};
+use potluck_shared::model::{
+    Context, Daypart, Example, GlobalModel, HOURS, Menu, OrderRecord, SitePrior, WEEKDAYS,
+};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -144,7 +147,7 @@ pub fn recommend(
         (Some(c), _) if c.history.orders.is_empty() => NotPersonalised::NoHistory,
         (Some(_), None) => NotPersonalised::NoModel,
         (Some(customer), Some(model)) => {
-            return personalised(model, customer, request);
+            return personalised(store, model, customer, request);
         }
     };
     popular(store, &menu, request.k, fallback)
@@ -199,22 +202,21 @@ fn popular(
 
 /// The model's top items for the customer, with the factors behind each.
 fn personalised(
+    store: &SiteStore,
     model: &GlobalModel,
     customer: &Customer,
     request: &Request<'_>,
 ) -> Result<Recommendations, RecommendError> {
     let spec = &model.spec;
-    let offset =
-        time::UtcOffset::from_whole_seconds(customer.utc_offset).unwrap_or(time::UtcOffset::UTC);
-    let at = request
+    let time = request
         .at
         .unwrap_or_else(OffsetDateTime::now_utc)
-        .to_offset(offset);
-    let weekday = at.weekday().number_days_from_monday();
-    let hour = at.hour();
+        .unix_timestamp();
+    let at = Context::at(time, customer.utc_offset);
     let orders = &customer.history.orders;
-    let history = history_weights(orders, spec.history_decay);
-    let probe = Probe::new(&history, weekday, hour);
+    // The site's prior exactly as training and evaluation see it.
+    let prior = crate::client::site_data(store, model)?.prior;
+    let probe = Probe::new(orders, at, spec.history_decay, &prior);
     let logits = score(
         spec,
         &model.params,
@@ -251,7 +253,8 @@ fn personalised(
 }
 
 /// The examples scored to explain a recommendation: the real one first, then
-/// one per history item left out, then every weekday, then every hour.
+/// one per history item left out, then every weekday, then every hour. Each
+/// is built by [`Example::new`], the pipeline training and evaluation use.
 struct Probe {
     examples: Vec<Example>,
     history: Vec<u32>,
@@ -260,39 +263,35 @@ struct Probe {
 }
 
 impl Probe {
-    fn new(history: &[(u32, f32)], weekday: u8, hour: u8) -> Self {
-        let example = |history: Vec<(u32, f32)>, weekday: u8, hour: u8| Example {
-            history,
-            weekday,
-            hour,
-            target: Vec::new(),
+    fn new(orders: &[OrderRecord], at: Context, decay: f32, prior: &Arc<SitePrior>) -> Self {
+        let example = |orders: &[OrderRecord], at: Context| {
+            Example::new(orders, at, decay, Vec::new()).with_prior(prior)
         };
-        let mut examples = vec![example(history.to_vec(), weekday, hour)];
-        for left_out in 0..history.len() {
-            let rest: Vec<(u32, f32)> = history
+        let real = example(orders, at);
+        let history: Vec<u32> = real.repeat.iter().map(|(i, _)| *i).collect();
+        let mut examples = vec![real];
+        for &left_out in &history {
+            let rest: Vec<OrderRecord> = orders
                 .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != left_out)
-                .map(|(_, &w)| w)
+                .map(|o| OrderRecord {
+                    items: o.items.iter().copied().filter(|&i| i != left_out).collect(),
+                    ..o.clone()
+                })
+                .filter(|o| !o.items.is_empty())
                 .collect();
-            let total: f32 = rest.iter().map(|(_, w)| w).sum();
-            let rest = rest
-                .into_iter()
-                .map(|(i, w)| (i, if total > 0.0 { w / total } else { 0.0 }))
-                .collect();
-            examples.push(example(rest, weekday, hour));
+            examples.push(example(&rest, at));
         }
-        for d in 0..WEEKDAYS as u8 {
-            examples.push(example(history.to_vec(), d, hour));
+        for weekday in 0..WEEKDAYS as u8 {
+            examples.push(example(orders, Context { weekday, ..at }));
         }
-        for h in 0..HOURS as u8 {
-            examples.push(example(history.to_vec(), weekday, h));
+        for hour in 0..HOURS as u8 {
+            examples.push(example(orders, Context { hour, ..at }));
         }
         Self {
             examples,
-            history: history.iter().map(|(i, _)| *i).collect(),
-            weekday,
-            hour,
+            history,
+            weekday: at.weekday,
+            hour: at.hour,
         }
     }
 
@@ -352,13 +351,13 @@ struct OrderFacts {
 }
 
 impl OrderFacts {
-    fn new(orders: &[potluck_shared::model::OrderRecord]) -> Self {
+    fn new(orders: &[OrderRecord]) -> Self {
         let mut items: BTreeMap<u32, (usize, BTreeMap<&'static str, usize>)> = BTreeMap::new();
         for order in orders {
             for &item in &order.items {
                 let entry = items.entry(item).or_default();
                 entry.0 += 1;
-                *entry.1.entry(meal(order.hour)).or_default() += 1;
+                *entry.1.entry(Daypart::of(order.hour).describe()).or_default() += 1;
             }
         }
         Self {
@@ -390,17 +389,6 @@ impl OrderFacts {
     }
 }
 
-/// The meal an hour belongs to.
-fn meal(hour: u8) -> &'static str {
-    match hour {
-        5..=10 => "breakfast",
-        11..=14 => "lunch",
-        15..=17 => "the afternoon",
-        18..=21 => "dinner",
-        _ => "night",
-    }
-}
-
 const WEEKDAY_NAMES: [&str; 7] = [
     "Mondays",
     "Tuesdays",
@@ -425,7 +413,11 @@ fn explain(item: u32, top: Option<Cause>, facts: &OrderFacts, menu: &Menu) -> St
             name(item),
             WEEKDAY_NAMES[usize::from(day).min(6)]
         ),
-        Some(Cause::Hour(hour)) => format!("{} is a favourite at {}", name(item), meal(hour)),
+        Some(Cause::Hour(hour)) => format!(
+            "{} is a favourite at {}",
+            name(item),
+            Daypart::of(hour).describe()
+        ),
     }
 }
 

@@ -718,7 +718,7 @@ impl SiteStore {
             .map(|(time, offset, mut items)| {
                 items.sort_unstable();
                 items.dedup();
-                (offset, order_record(time, offset, items))
+                (offset, OrderRecord::new(time, offset, items))
             })
             .collect();
         orders.sort_by_key(|(_, r)| r.time);
@@ -765,15 +765,22 @@ impl SiteStore {
         Ok(self.meta(&ledger_key(lineage))?.unwrap_or_default())
     }
 
-    /// Check a round against the lineage's ledger and record it, in one
-    /// transaction: the outer error is the store's, the inner a refusal.
+    /// The popularity prior this site released under DP, if it has.
+    pub fn prior_release(&self) -> Result<Option<PriorRelease>, StoreError> {
+        self.meta(PRIOR_KEY)
+    }
+
+    /// Check a round (its `steps`) against the lineage's ledger and record
+    /// it, with the prior `release` it pays for, in one transaction: the
+    /// outer error is the store's, the inner a refusal.
     pub fn spend_privacy(
         &self,
         lineage: &str,
         round: RoundId,
-        step: Step,
+        steps: &[Step],
         max_epsilon: f64,
         delta: f64,
+        release: Option<&PriorRelease>,
     ) -> Result<Result<f64, Refusal>, StoreError> {
         let key = ledger_key(lineage);
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
@@ -785,12 +792,17 @@ impl SiteStore {
                 None => Ledger::default(),
             }
         };
-        let outcome = ledger.spend(lineage, round, step, max_epsilon, delta);
+        let outcome = ledger.spend(lineage, round, steps, max_epsilon, delta);
         if outcome.is_ok() {
             let bytes = codec::encode(&ledger).map_err(|e| self.corrupt(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
             meta.insert(key.as_str(), bytes.as_slice())
                 .map_err(|e| self.db_err(e))?;
+            if let Some(release) = release {
+                let bytes = codec::encode(release).map_err(|e| self.corrupt(e))?;
+                meta.insert(PRIOR_KEY, bytes.as_slice())
+                    .map_err(|e| self.db_err(e))?;
+            }
         }
         txn.commit().map_err(|e| self.db_err(e))?;
         Ok(outcome)
@@ -808,23 +820,21 @@ impl SiteStore {
     }
 }
 
-fn ledger_key(lineage: &str) -> String {
-    format!("privacy-ledger/{lineage}")
+/// Where the released prior is kept.
+const PRIOR_KEY: &str = "privacy-prior";
+
+/// A site's differentially private release of its popularity counts, made
+/// once per lineage and then used by training, evaluation and the till.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PriorRelease {
+    /// The lineage whose ledger paid for it.
+    pub lineage: String,
+    /// Noisy per-item counts.
+    pub counts: Vec<f64>,
 }
 
-/// The model's view of an order: local weekday and hour from time and offset.
-pub fn order_record(time: i64, utc_offset: i32, items: Vec<u32>) -> OrderRecord {
-    let local = time + i64::from(utc_offset);
-    let days = local.div_euclid(86_400);
-    // 1970-01-01 was a Thursday: Monday = 0 means Thursday = 3.
-    let weekday = ((days + 3).rem_euclid(7)) as u8;
-    let hour = (local.rem_euclid(86_400) / 3600) as u8;
-    OrderRecord {
-        time,
-        weekday,
-        hour,
-        items,
-    }
+fn ledger_key(lineage: &str) -> String {
+    format!("privacy-ledger/{lineage}")
 }
 
 #[cfg(test)]
@@ -847,15 +857,5 @@ mod tests {
         });
         SiteStore::open_waiting(&path, Duration::from_secs(30)).unwrap();
         release.join().unwrap();
-    }
-
-    #[test]
-    fn local_weekday_and_hour() {
-        // 2025-01-06T08:30:00+02:00 is a Monday, 08h local (06:30 UTC).
-        let t = time::macros::datetime!(2025-01-06 08:30 +02:00).unix_timestamp();
-        let r = order_record(t, 7200, vec![]);
-        assert_eq!((r.weekday, r.hour), (0, 8));
-        let sunday = time::macros::datetime!(2025-01-12 23:59 UTC).unix_timestamp();
-        assert_eq!(order_record(sunday, 0, vec![]).weekday, 6);
     }
 }

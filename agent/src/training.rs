@@ -29,13 +29,17 @@ pub enum TrainError {
 /// The result of local training.
 #[derive(Debug, Clone)]
 pub struct Trained {
-    /// New parameters minus the starting ones, in the canonical layout.
+    /// New minus starting values of the trained parameters (the round's
+    /// scope), in the canonical layout.
     pub delta: Vec<f32>,
     /// Mean training loss over the last epoch.
     pub loss: f32,
+    /// Customers whose examples it was trained on: its weight in the average.
+    pub customers: usize,
 }
 
-/// Train `params` of `spec` on `examples`; returns new parameters and the mean last-epoch loss.
+/// Train `params` of `spec` on `examples`; returns new parameters and the
+/// mean last-epoch loss. Only the parameters in `settings.scope` move.
 pub fn train_params(
     spec: &ModelSpec,
     params: &[f32],
@@ -47,7 +51,8 @@ pub fn train_params(
         return Err(TrainError::NoData);
     }
     let device = Device::flex().autodiff();
-    let mut model = Recommender::from_params(spec, params, &device)?;
+    let frozen = spec.trainable(settings.scope).start;
+    let mut model = Recommender::with_trainable(spec, params, frozen, &device)?;
     let mut optimizer = SgdConfig::new().init();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..examples.len()).collect();
@@ -74,7 +79,7 @@ pub fn train_params(
     Ok((model.valid().to_params(), last_loss))
 }
 
-/// Train from a global model; returns the delta to send.
+/// Train from a global model; returns the delta of the scope's parameters to send.
 pub fn train(
     model: &GlobalModel,
     examples: &[Example],
@@ -82,12 +87,31 @@ pub fn train(
     seed: u64,
 ) -> Result<Trained, TrainError> {
     let (params, loss) = train_params(&model.spec, &model.params, examples, settings, seed)?;
-    let delta = params
+    let range = model.spec.trainable(settings.scope);
+    let delta = params[range.clone()]
         .iter()
-        .zip(&model.params)
+        .zip(&model.params[range])
         .map(|(n, o)| n - o)
         .collect();
-    Ok(Trained { delta, loss })
+    Ok(Trained {
+        delta,
+        loss,
+        customers: 1,
+    })
+}
+
+/// Train from a global model on a site's whole training set.
+pub fn train_site(
+    model: &GlobalModel,
+    data: &SiteData,
+    settings: &TrainSettings,
+    seed: u64,
+) -> Result<Trained, TrainError> {
+    let customers = data.customers.iter().filter(|r| !r.is_empty()).count();
+    Ok(Trained {
+        customers,
+        ..train(model, &data.train, settings, seed)?
+    })
 }
 
 /// The local-only baseline: `params` trained on one site's (or, for the
@@ -122,7 +146,7 @@ pub fn private_contribution<R: CryptoRng + ?Sized>(
     privacy: &RoundPrivacy,
     rng: &mut R,
 ) -> Result<Contribution, TrainError> {
-    let mut contribution = Contribution::new(model.params.len());
+    let mut contribution = Contribution::new(model.spec.trainable(settings.scope).len());
     let units: Vec<&[Example]> = match privacy.unit {
         PrivacyUnit::Site => vec![&data.train[..]],
         PrivacyUnit::Customer => (0..data.customers.len())

@@ -52,7 +52,7 @@ fn site(customers: usize) -> Site {
 }
 
 fn privacy(unit: PrivacyUnit, q: f64, params: usize) -> RoundPrivacy {
-    RoundPrivacy::plan("test", unit, q, 1.0, 0.5, 1e-6, params + 1, 3, 3, 32)
+    RoundPrivacy::plan("test", unit, q, 1.0, 0.5, 1e-6, params + 2, 3, 3, 32)
         .unwrap()
         .0
 }
@@ -77,8 +77,12 @@ fn customers_are_sampled_at_the_rounds_rate_and_counted() {
         (units - expected).abs() < 5.0 * sd,
         "{units} sampled of {eligible}"
     );
-    // The count coordinate carries C/4 per customer, in integer units.
-    let count = *c.raw().last().unwrap() as f64 / (f64::from(p.count_weight()) * p.scale);
+    // The count coordinate (before the unclipped flag) carries C/4 per
+    // customer, in integer units.
+    let raw = c.raw();
+    let count = raw[raw.len() - 2] as f64 / (f64::from(p.count_weight()) * p.scale);
+    let unclipped = raw[raw.len() - 1] as f64 / (f64::from(p.count_weight()) * p.scale);
+    assert!(unclipped <= count + 1.0, "unclipped {unclipped} of {count}");
     assert!(
         (count - units).abs() <= 0.01 * units + 1.0,
         "count {count}, units {units}"

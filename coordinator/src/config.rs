@@ -7,7 +7,9 @@ use std::time::Duration;
 use potluck_shared::dp::{PrivacyUnit, Step, accountant};
 use potluck_shared::fairness::Gate;
 use potluck_shared::model::ModelDims;
-use potluck_shared::round::{AuditPolicy, PrivacyPolicy, RoundConfig};
+use potluck_shared::round::{
+    AuditPolicy, OptimizerKind, PrivacyPolicy, RoundConfig, ServerOptimizer,
+};
 use potluck_shared::wire::TrainSettings;
 use potluck_shared::wire::frame::DEFAULT_MAX_FRAME;
 use serde::Deserialize;
@@ -160,6 +162,14 @@ pub struct PrivacySection {
     pub noise_multiplier: Option<f64>,
     /// Rounds the budget is calibrated for; absent: `rounds.max_rounds`.
     pub planned_rounds: Option<u64>,
+    /// Noise multiplier of each site's one-off release of its popularity
+    /// prior (0: private rounds train without it). Charged once per lineage.
+    pub prior_noise_multiplier: f64,
+    /// Adaptive clipping: the share of customers whose update should fit the
+    /// clip norm, which then follows it from `clip_norm` (absent: fixed).
+    pub clip_quantile: Option<f64>,
+    /// How fast adaptive clipping moves the clip norm.
+    pub clip_learning_rate: f64,
 }
 
 impl Default for PrivacySection {
@@ -174,11 +184,19 @@ impl Default for PrivacySection {
             clip_norm: 0.5,
             noise_multiplier: None,
             planned_rounds: None,
+            prior_noise_multiplier: 10.0,
+            clip_quantile: Some(0.5),
+            clip_learning_rate: 0.2,
         }
     }
 }
 
 impl PrivacySection {
+    /// The sites' prior release, if private rounds use one.
+    pub fn prior_step(&self) -> Option<Step> {
+        (self.prior_noise_multiplier > 0.0).then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+    }
+
     /// The noise multiplier: as configured, or calibrated to the budget.
     pub fn noise_multiplier(
         &self,
@@ -193,14 +211,18 @@ impl PrivacySection {
              to calibrate the noise to the budget",
         )?;
         let q = self.unit.sampling_rate(self.sampling_rate);
-        // Fairness audits are charged to the same budget.
-        let reserve = audit.map(|a| (Step::gaussian(1.0, a.noise_multiplier), a.audits(rounds)));
+        // Fairness audits and the prior release are charged to the same budget.
+        let reserve: Vec<(Step, u64)> = audit
+            .map(|a| (Step::gaussian(1.0, a.noise_multiplier), a.audits(rounds)))
+            .into_iter()
+            .chain(self.prior_step().map(|step| (step, 1)))
+            .collect();
         let z = accountant::calibrate_with_reserve(
             self.target_epsilon,
             q,
             rounds,
             self.delta,
-            reserve.as_ref().map(|(step, count)| (step, *count)),
+            &reserve,
         )
         .ok_or_else(|| {
             format!(
@@ -332,6 +354,15 @@ pub struct RoundsSection {
     pub cohort_wait_secs: f64,
     /// Step size applied to the averaged update.
     pub server_learning_rate: f32,
+    /// How the averaged update is applied: `sgd` (FedAvg), `momentum`
+    /// (FedAvgM) or `adam` (FedAdam).
+    pub server_optimizer: OptimizerKind,
+    /// β₁ of momentum or Adam.
+    pub server_momentum: f32,
+    /// β₂ of Adam.
+    pub server_beta2: f32,
+    /// τ of Adam (its adaptivity).
+    pub server_tau: f32,
 }
 
 impl Default for RoundsSection {
@@ -346,7 +377,24 @@ impl Default for RoundsSection {
             eval_timeout_secs: d.eval_timeout.as_secs_f64(),
             retry_delay_secs: d.retry_delay.as_secs_f64(),
             cohort_wait_secs: d.cohort_wait.as_secs_f64(),
-            server_learning_rate: d.server_learning_rate,
+            server_learning_rate: d.server_optimizer.learning_rate,
+            server_optimizer: d.server_optimizer.kind,
+            server_momentum: d.server_optimizer.momentum,
+            server_beta2: d.server_optimizer.beta2,
+            server_tau: d.server_optimizer.tau,
+        }
+    }
+}
+
+impl RoundsSection {
+    /// The server optimizer these settings describe.
+    pub fn server_optimizer(&self) -> ServerOptimizer {
+        ServerOptimizer {
+            kind: self.server_optimizer,
+            learning_rate: self.server_learning_rate,
+            momentum: self.server_momentum,
+            beta2: self.server_beta2,
+            tau: self.server_tau,
         }
     }
 }
@@ -453,6 +501,9 @@ impl CoordinatorConfig {
                 return Err(format!("{field} must be a positive number, got {value}"));
             }
         }
+        r.server_optimizer()
+            .check()
+            .map_err(|e| format!("[rounds] {e}"))?;
         for (field, value) in [
             ("rounds.retry_delay_secs", r.retry_delay_secs),
             ("rounds.cohort_wait_secs", r.cohort_wait_secs),
@@ -637,6 +688,9 @@ impl CoordinatorConfig {
             clip_norm: p.clip_norm,
             target_epsilon: p.target_epsilon,
             delta: p.delta,
+            prior_noise_multiplier: p.prior_noise_multiplier,
+            clip_quantile: p.clip_quantile,
+            clip_learning_rate: p.clip_learning_rate,
         });
         RoundConfig {
             min_sites: r.min_sites,
@@ -647,7 +701,7 @@ impl CoordinatorConfig {
             eval_timeout: Duration::from_secs_f64(r.eval_timeout_secs),
             retry_delay: Duration::from_secs_f64(r.retry_delay_secs),
             cohort_wait: Duration::from_secs_f64(r.cohort_wait_secs),
-            server_learning_rate: r.server_learning_rate,
+            server_optimizer: r.server_optimizer(),
             settings: self.training.clone(),
             secure_aggregation: !self.secagg.dangerous_disable_secure_aggregation,
             threshold: self.secagg.threshold,
@@ -690,12 +744,14 @@ impl CoordinatorConfig {
              retry_delay_secs = 5\n\
              cohort_wait_secs = 2\n\
              server_learning_rate = 1.0\n\
+             server_optimizer = \"sgd\"   # or \"momentum\" (FedAvgM), \"adam\" (FedAdam)\n\
              \n\
              [training]\n\
-             epochs = 2\n\
-             learning_rate = 0.5\n\
+             epochs = 3\n\
+             learning_rate = 0.3\n\
              batch_size = 32\n\
-             clip_norm = 2.0\n\
+             clip_norm = 10.0\n\
+             # scope = \"auto\"   # what rounds train: auto (head under DP, all without), all, linear, head\n\
              noise_std = 0.01\n\
              \n\
              [secagg]\n\

@@ -59,6 +59,24 @@ pub struct RoundLine {
     pub baseline_personal_ndcg_at_10: Option<f64>,
     /// Held-out orders.
     pub eval_cases: u64,
+    /// HR@10 of the global model on held-out items the customer ordered before.
+    #[serde(default)]
+    pub eval_repeat_hr_at_10: Option<f64>,
+    /// NDCG@10 of the global model on repeat items.
+    #[serde(default)]
+    pub eval_repeat_ndcg_at_10: Option<f64>,
+    /// HR@10 of the global model on held-out items the customer never ordered.
+    #[serde(default)]
+    pub eval_new_hr_at_10: Option<f64>,
+    /// NDCG@10 of the global model on new items.
+    #[serde(default)]
+    pub eval_new_ndcg_at_10: Option<f64>,
+    /// HR@10 of GP-TopFreq on repeat items.
+    #[serde(default)]
+    pub baseline_personal_repeat_hr_at_10: Option<f64>,
+    /// HR@10 of GP-TopFreq on new items.
+    #[serde(default)]
+    pub baseline_personal_new_hr_at_10: Option<f64>,
     /// Wall time.
     pub round_seconds: f64,
     /// Bytes received.

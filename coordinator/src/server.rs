@@ -200,6 +200,8 @@ impl Server {
             None => None,
         };
         let audited = self.state.fairness(Some(model.version.0))?.is_some();
+        let optimizer = self.state.optimizer_state(model.version.0)?;
+        let prior_charged = self.state.prior_charged(&lineage)?;
         if let Some(policy) = &round_config.privacy {
             info!(
                 %lineage,
@@ -229,7 +231,9 @@ impl Server {
         let coordinator = Coordinator::new(round_config, model, next_round)
             .with_spent(&spent)
             .with_completed(completed)
-            .with_released(released, audited);
+            .with_released(released, audited)
+            .with_optimizer(optimizer)
+            .with_prior_charged(prior_charged);
         let target = self
             .config
             .privacy
@@ -633,7 +637,8 @@ impl Driver {
             }
             CoordinatorEvent::ModelCommitted(model) => {
                 let round = self.coordinator.current_round();
-                self.state.commit_model(&model, round)?;
+                let optimizer = self.coordinator.optimizer_state();
+                self.state.commit_model(&model, round, optimizer)?;
             }
             CoordinatorEvent::ModelRolledBack { from, model } => {
                 self.state.commit_rollback(&model, from)?;
@@ -672,10 +677,11 @@ impl Driver {
             CoordinatorEvent::PrivacySpent {
                 round,
                 step,
+                prior,
                 epsilon,
             } => {
                 self.state
-                    .record_privacy(&self.lineage, round, &step, epsilon)?;
+                    .record_privacy(&self.lineage, round, &step, prior.as_ref(), epsilon)?;
                 info!(%round, epsilon = format!("{epsilon:.4}"), noise_multiplier = step.noise_multiplier, "privacy ledger: round recorded");
             }
             CoordinatorEvent::BudgetExhausted {
@@ -743,6 +749,9 @@ pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
     let (hr, ndcg) = mean(&s.eval.model, s.eval.cases);
     let (pop_hr, pop_ndcg) = mean(&s.eval.popularity, s.eval.cases);
     let (own_hr, own_ndcg) = mean(&s.eval.personal, s.eval.cases);
+    let model = s.eval.scores(&s.eval.model);
+    let own = s.eval.scores(&s.eval.personal);
+    let popular = s.eval.scores(&s.eval.popularity);
     serde_json::json!({
         "round": s.round.0,
         "model_version": s.model_version.0,
@@ -756,6 +765,15 @@ pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
         "baseline_personal_hr_at_10": own_hr,
         "baseline_personal_ndcg_at_10": own_ndcg,
         "eval_cases": s.eval.cases,
+        "eval_repeat_cases": s.eval.repeat_cases,
+        "eval_new_cases": s.eval.new_cases,
+        "eval_repeat_hr_at_10": model.repeat_hr_at_10,
+        "eval_repeat_ndcg_at_10": model.repeat_ndcg_at_10,
+        "eval_new_hr_at_10": model.new_hr_at_10,
+        "eval_new_ndcg_at_10": model.new_ndcg_at_10,
+        "baseline_personal_repeat_hr_at_10": own.repeat_hr_at_10,
+        "baseline_personal_new_hr_at_10": own.new_hr_at_10,
+        "baseline_popularity_new_hr_at_10": popular.new_hr_at_10,
         "eval_sites": s.eval_sites,
         "round_seconds": s.duration.as_secs_f64(),
         "bytes_received": s.bytes_received,
@@ -766,6 +784,10 @@ pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
         "sampling_rate": s.privacy.as_ref().map(|p| p.sampling_rate),
         "clip_norm": s.privacy.as_ref().map(|p| p.clip_norm),
         "private_units": s.privacy.as_ref().map(|p| p.units),
+        "clipped_fraction": s.privacy.as_ref().map(|p| p.clipped_fraction),
+        "update_norm": s.privacy.as_ref().map(|p| p.update_norm),
+        "noise_norm": s.privacy.as_ref().map(|p| p.noise_norm),
+        "next_clip_norm": s.privacy.as_ref().map(|p| p.next_clip_norm),
         "phase_seconds": s.phase_seconds.iter().map(|(p, secs)| ((*p).to_string(), serde_json::json!(secs))).collect::<serde_json::Map<_, _>>(),
         "completed_at": time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -774,12 +796,13 @@ pub fn metrics_line(s: &RoundSummary) -> serde_json::Value {
 }
 
 fn describe(s: &RoundSummary) -> String {
+    let opt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.3}"));
     let pct = |sums: &potluck_shared::wire::MetricSums| {
         sums.means(s.eval.cases)
             .map_or("n/a".to_string(), |(hr, _)| format!("{hr:.3}"))
     };
     format!(
-        "round {} -> model v{}: {} sites ({} dropped), {}, HR@10 {} (popularity {}, personal {}) on {} held-out orders, {:.1} s, {} kB received",
+        "round {} -> model v{}: {} sites ({} dropped), {}, HR@10 {} (repeat {}, new {}; popularity {}, GP-TopFreq {}) on {} held-out orders, {:.1} s, {} kB received",
         s.round,
         s.model_version,
         s.participants,
@@ -792,6 +815,8 @@ fn describe(s: &RoundSummary) -> String {
             None => format!("loss {:.3}", s.train_loss),
         },
         pct(&s.eval.model),
+        opt(s.eval.scores(&s.eval.model).repeat_hr_at_10),
+        opt(s.eval.scores(&s.eval.model).new_hr_at_10),
         pct(&s.eval.popularity),
         pct(&s.eval.personal),
         s.eval.cases,

@@ -19,7 +19,7 @@ use potluck_shared::audit::{self, Entry, Head, Tamper};
 use potluck_shared::dp::Step;
 use potluck_shared::fairness::FairnessReport;
 use potluck_shared::model::{GlobalModel, ModelSpec};
-use potluck_shared::round::AuditOutcome;
+use potluck_shared::round::{AuditOutcome, OptimizerState};
 use potluck_shared::wire::codec;
 use potluck_shared::{ModelVersion, RoundId, SiteId};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS models (
     created_at TEXT NOT NULL,
     round INTEGER,
     rolled_back_from INTEGER
+) STRICT;
+CREATE TABLE IF NOT EXISTS optimizer (
+    version INTEGER PRIMARY KEY,
+    state BLOB NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -265,6 +269,10 @@ pub struct LedgerRecord {
     pub lineage: String,
     /// The mechanism.
     pub step: Step,
+    /// The sites' one-off release of their popularity prior, charged with
+    /// the lineage's first private round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prior: Option<Step>,
     /// ε of the lineage after the round.
     pub epsilon: f64,
     /// When it was recorded (before the round's task was sent).
@@ -537,12 +545,44 @@ impl State {
     }
 
     /// Commit the model a round produced.
+    ///
+    /// The server optimizer's moments after the step that made `model` are
+    /// committed with it, so that a restart resumes them exactly.
     pub fn commit_model(
         &mut self,
         model: &GlobalModel,
         round: Option<RoundId>,
+        optimizer: &OptimizerState,
     ) -> Result<(), StateError> {
-        self.transact(|tx| insert_model(tx, model, round, None))
+        let bytes = codec::encode(optimizer)
+            .map_err(|e| self.corrupt(format!("optimizer state of model {}", model.version), e))?;
+        self.transact(|tx| {
+            insert_model(tx, model, round, None)?;
+            tx.execute(
+                "INSERT INTO optimizer (version, state) VALUES (?1, ?2)",
+                params![model.version.0, bytes],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The server optimizer's moments committed with `version` (zero moments
+    /// for a version made without them: the initial model, a rollback).
+    pub fn optimizer_state(&self, version: u64) -> Result<OptimizerState, StateError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT state FROM optimizer WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        match bytes {
+            None => Ok(OptimizerState::default()),
+            Some(bytes) => codec::decode(&bytes)
+                .map_err(|e| self.corrupt(format!("optimizer state of model {version}"), e)),
+        }
     }
 
     /// Commit a rollback's new version, mark the requests applied, and audit it.
@@ -1016,9 +1056,15 @@ impl State {
         lineage: &str,
         round: RoundId,
         step: &Step,
+        prior: Option<&Step>,
         epsilon: f64,
     ) -> Result<(), StateError> {
-        let step = serde_json::to_string(step).unwrap_or_default();
+        // A round that also pays for the prior release stores both, as a pair.
+        let step = match prior {
+            None => serde_json::to_string(step),
+            Some(prior) => serde_json::to_string(&(step, prior)),
+        }
+        .unwrap_or_default();
         self.transact(|tx| {
             tx.execute(
                 "INSERT INTO privacy (round, lineage, step, epsilon, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -1037,13 +1083,19 @@ impl State {
         )?;
         rows.into_iter()
             .map(|(round, lineage, step, epsilon, recorded_at)| {
-                let step = serde_json::from_str(&step).map_err(|e| {
-                    self.corrupt(format!("privacy ledger entry of round {round}"), e)
-                })?;
+                let corrupt = |e| self.corrupt(format!("privacy ledger entry of round {round}"), e);
+                let (step, prior) = if step.trim_start().starts_with('[') {
+                    let (step, prior): (Step, Step) =
+                        serde_json::from_str(&step).map_err(corrupt)?;
+                    (step, Some(prior))
+                } else {
+                    (serde_json::from_str(&step).map_err(corrupt)?, None)
+                };
                 Ok(LedgerRecord {
                     round,
                     lineage,
                     step,
+                    prior,
                     epsilon,
                     recorded_at,
                 })
@@ -1051,14 +1103,23 @@ impl State {
             .collect()
     }
 
-    /// The mechanisms of every private round of `lineage` recorded so far.
+    /// The mechanisms of every private round of `lineage` recorded so far,
+    /// the prior release among them.
     pub fn privacy_steps(&self, lineage: &str) -> Result<Vec<Step>, StateError> {
         Ok(self
             .ledger()?
             .into_iter()
             .filter(|e| e.lineage == lineage)
-            .map(|e| e.step)
+            .flat_map(|e| std::iter::once(e.step).chain(e.prior))
             .collect())
+    }
+
+    /// Whether `lineage`'s ledger has paid for the sites' prior release.
+    pub fn prior_charged(&self, lineage: &str) -> Result<bool, StateError> {
+        Ok(self
+            .ledger()?
+            .iter()
+            .any(|e| e.lineage == lineage && e.prior.is_some()))
     }
 
     // ---- sites ----
@@ -1463,18 +1524,25 @@ mod tests {
     fn the_privacy_ledger_survives_a_restart_and_keeps_lineages_apart() {
         let (dir, mut state) = state();
         let step = Step::gaussian(0.2, 1.1);
+        let prior = Step::gaussian(1.0, 10.0);
         state
-            .record_privacy("menu-v1", RoundId(1), &step, 0.5)
+            .record_privacy("menu-v1", RoundId(1), &step, Some(&prior), 0.5)
             .unwrap();
         state
-            .record_privacy("other", RoundId(2), &step, 0.5)
+            .record_privacy("other", RoundId(2), &step, None, 0.5)
             .unwrap();
         state
-            .record_privacy("menu-v1", RoundId(3), &step, 0.7)
+            .record_privacy("menu-v1", RoundId(3), &step, None, 0.7)
             .unwrap();
         drop(state);
         let reopened = State::open_existing(&dir.path().join("state")).unwrap();
-        assert_eq!(reopened.privacy_steps("menu-v1").unwrap(), vec![step, step]);
+        assert_eq!(
+            reopened.privacy_steps("menu-v1").unwrap(),
+            vec![step, prior, step],
+            "the prior release paid with round 1 is part of the lineage's cost"
+        );
+        assert!(reopened.prior_charged("menu-v1").unwrap());
+        assert!(!reopened.prior_charged("other").unwrap());
         assert_eq!(reopened.privacy_steps("new").unwrap(), Vec::<Step>::new());
         assert_eq!(
             reopened.next_round().unwrap(),
@@ -1502,12 +1570,20 @@ mod tests {
         let mut v1 = v0.clone();
         v1.version = ModelVersion(1);
         v1.params.iter_mut().for_each(|p| *p += 1.0);
-        state.commit_model(&v1, Some(RoundId(1))).unwrap();
+        let moments = OptimizerState {
+            steps: 1,
+            first: vec![0.25; 3],
+            second: vec![0.5; 3],
+            clip_norm: Some(0.75),
+        };
+        state.commit_model(&v1, Some(RoundId(1)), &moments).unwrap();
         assert_eq!(
             state.load_or_init(spec(), 1).unwrap(),
             v1,
             "the latest version loads"
         );
+        assert_eq!(state.optimizer_state(1).unwrap(), moments);
+        assert_eq!(state.optimizer_state(0).unwrap(), OptimizerState::default());
         state
             .request_rollback(0, "cli:test", "v1 regressed")
             .unwrap();

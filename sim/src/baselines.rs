@@ -15,28 +15,44 @@ use potluck_agent::evaluation::evaluate;
 use potluck_agent::store::SiteStore;
 use potluck_agent::training::train_rounds;
 use potluck_shared::model::GlobalModel;
-use potluck_shared::wire::{EvalCounts, TrainSettings};
+use potluck_shared::wire::{EvalCounts, MetricSums, TrainSettings};
 use serde::Serialize;
 
-/// HR@10 and NDCG@10 over every site's held-out orders.
+/// HR@10 and NDCG@10 over every site's held-out orders, whole and on the
+/// repeat and new items.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Score {
     /// HR@10.
     pub hr_at_10: f64,
     /// NDCG@10.
     pub ndcg_at_10: f64,
+    /// HR@10 on items the customer ordered before.
+    pub repeat_hr_at_10: Option<f64>,
+    /// NDCG@10 on repeat items.
+    pub repeat_ndcg_at_10: Option<f64>,
+    /// HR@10 on items the customer never ordered.
+    pub new_hr_at_10: Option<f64>,
+    /// NDCG@10 on new items.
+    pub new_ndcg_at_10: Option<f64>,
 }
 
 impl Score {
     /// The model's score in summed counts.
     pub fn of(counts: &EvalCounts) -> Option<Self> {
-        counts
-            .model
-            .means(counts.cases)
-            .map(|(hr_at_10, ndcg_at_10)| Self {
-                hr_at_10,
-                ndcg_at_10,
-            })
+        Self::of_sums(counts, &counts.model)
+    }
+
+    /// The score of one method's sums in `counts`.
+    pub fn of_sums(counts: &EvalCounts, sums: &MetricSums) -> Option<Self> {
+        let s = counts.scores(sums);
+        Some(Self {
+            hr_at_10: s.hr_at_10?,
+            ndcg_at_10: s.ndcg_at_10?,
+            repeat_hr_at_10: s.repeat_hr_at_10,
+            repeat_ndcg_at_10: s.repeat_ndcg_at_10,
+            new_hr_at_10: s.new_hr_at_10,
+            new_ndcg_at_10: s.new_ndcg_at_10,
+        })
     }
 }
 

@@ -83,6 +83,10 @@ pub struct RoundScore {
     pub hr_at_10: f64,
     /// NDCG@10.
     pub ndcg_at_10: f64,
+    /// HR@10 on items the customer ordered before.
+    pub repeat_hr_at_10: Option<f64>,
+    /// HR@10 on items the customer never ordered.
+    pub new_hr_at_10: Option<f64>,
 }
 
 /// Run `config` into `out`; shows a progress bar unless `quiet`.
@@ -146,6 +150,10 @@ pub fn run(label: &str, config: &SimConfig, out: &Path, quiet: bool) -> Result<S
         "federated",
         baselines::score_sites(&sites, &last.spec, &last.params, threads)?,
     );
+    per_site.insert(
+        "initial",
+        baselines::score_sites(&sites, &initial.spec, &initial.params, threads)?,
+    );
     if config.baselines.local_only {
         say(quiet, "training the local-only baseline at every site");
         per_site.insert("local_only", reference.local_only(&sites)?);
@@ -154,8 +162,8 @@ pub fn run(label: &str, config: &SimConfig, out: &Path, quiet: bool) -> Result<S
         say(quiet, "training the centralised reference on pooled data");
         per_site.insert("centralised", reference.centralised(&sites)?);
     }
-    let mut scores = round_baselines(&ran.rounds);
-    for name in ["local_only", "centralised"] {
+    let mut scores = site_baselines(&baselines::sum(&per_site["federated"]));
+    for name in ["initial", "local_only", "centralised"] {
         if let Some(score) = per_site
             .get(name)
             .and_then(|c| Score::of(&baselines::sum(c)))
@@ -208,36 +216,13 @@ fn say(quiet: bool, text: &str) {
     }
 }
 
-/// The baselines the sites score each round, as of the last round.
-fn round_baselines(rounds: &[RoundLine]) -> BTreeMap<String, Score> {
-    let mut scores = BTreeMap::new();
-    let Some(last) = rounds.last() else {
-        return scores;
-    };
-    let pairs = [
-        (
-            "popularity",
-            last.baseline_popularity_hr_at_10,
-            last.baseline_popularity_ndcg_at_10,
-        ),
-        (
-            "personal",
-            last.baseline_personal_hr_at_10,
-            last.baseline_personal_ndcg_at_10,
-        ),
-    ];
-    for (name, hr, ndcg) in pairs {
-        if let (Some(hr_at_10), Some(ndcg_at_10)) = (hr, ndcg) {
-            scores.insert(
-                name.into(),
-                Score {
-                    hr_at_10,
-                    ndcg_at_10,
-                },
-            );
-        }
-    }
-    scores
+/// The baselines the sites score alongside the model (site popularity and
+/// GP-TopFreq, as `personal`), from the final model's counts.
+fn site_baselines(counts: &potluck_shared::wire::EvalCounts) -> BTreeMap<String, Score> {
+    [("popularity", &counts.popularity), ("personal", &counts.personal)]
+        .into_iter()
+        .filter_map(|(name, sums)| Some((name.to_string(), Score::of_sums(counts, sums)?)))
+        .collect()
 }
 
 fn summarise(
@@ -257,6 +242,8 @@ fn summarise(
                 round: r.round,
                 hr_at_10: r.eval_hr_at_10?,
                 ndcg_at_10: r.eval_ndcg_at_10?,
+                repeat_hr_at_10: r.eval_repeat_hr_at_10,
+                new_hr_at_10: r.eval_new_hr_at_10,
             })
         })
         .collect();

@@ -61,6 +61,11 @@ enum Hidden {
     },
 }
 
+/// A repeat or new part's HR@10, or a dash where no case had that part.
+fn part(value: Option<f64>) -> String {
+    value.map_or("-".into(), |v| format!("{v:.3}"))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     if let Some(Hidden::Coordinator { config, peak_file }) = &cli.command {
@@ -187,16 +192,26 @@ fn report(summary: &experiment::Summary, json: bool) -> Result<()> {
             .epsilon
             .map_or(String::from("no DP"), |e| format!("ε {e:.2}"));
         println!(
-            "  federated     HR@10 {:.3}  NDCG@10 {:.3}  (round {}, {eps})",
-            last.hr_at_10, last.ndcg_at_10, last.round
+            "  federated     HR@10 {:.3}  NDCG@10 {:.3}  repeat {}  new {}  (round {}, {eps})",
+            last.hr_at_10,
+            last.ndcg_at_10,
+            part(last.repeat_hr_at_10),
+            part(last.new_hr_at_10),
+            last.round
         );
     }
     for (name, score) in &summary.baselines {
+        let name = match name.as_str() {
+            "personal" => "gp-topfreq".to_string(),
+            other => other.replace('_', "-"),
+        };
         println!(
-            "  {:<13} HR@10 {:.3}  NDCG@10 {:.3}",
-            name.replace('_', "-"),
+            "  {:<13} HR@10 {:.3}  NDCG@10 {:.3}  repeat {}  new {}",
+            name,
             score.hr_at_10,
-            score.ndcg_at_10
+            score.ndcg_at_10,
+            part(score.repeat_hr_at_10),
+            part(score.new_hr_at_10),
         );
     }
     for audit in &summary.fairness_audits {

@@ -14,7 +14,7 @@ use potluck_agent::dataset::SiteData;
 use potluck_agent::evaluation::{self, K, rank_metrics, top_k};
 use potluck_agent::import::{ImportOptions, import_file};
 use potluck_agent::store::SiteStore;
-use potluck_agent::training::train;
+use potluck_agent::training::train_site;
 use potluck_shared::fairness::{FairnessReport, Gate};
 use potluck_shared::model::{Example, GlobalModel, Menu, ModelSpec};
 use potluck_shared::round::{
@@ -226,9 +226,14 @@ fn act(site: &mut Site, event: SiteEvent, rng: &mut rand::rngs::StdRng) {
         }
         SiteEvent::TrainRequested { task, model } => {
             let data = site_data(&site.store, &model).unwrap();
-            let trained = train(&model, &data.train, &task.settings, 1).unwrap();
-            site.session
-                .handle_trained(&task, trained.delta, trained.loss, rng);
+            let trained = train_site(&model, &data, &task.settings, 1).unwrap();
+            site.session.handle_trained(
+                &task,
+                trained.delta,
+                trained.loss,
+                trained.customers,
+                rng,
+            );
         }
         SiteEvent::AuditRequested { task, model } => {
             let data = site_data(&site.store, &model).unwrap();

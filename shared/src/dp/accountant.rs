@@ -179,23 +179,24 @@ pub fn epsilon(step: &Step, steps: u64, delta: f64) -> Guarantee {
 /// within `target` ε at `delta`, to a relative precision of 1e-4; `None` if
 /// even a noise multiplier of 10⁴ does not.
 pub fn calibrate(target: f64, sampling_rate: f64, steps: u64, delta: f64) -> Option<f64> {
-    calibrate_with_reserve(target, sampling_rate, steps, delta, None)
+    calibrate_with_reserve(target, sampling_rate, steps, delta, &[])
 }
 
-/// As [`calibrate`], keeping room in the budget for `count` runs of a
-/// `reserve` step (the fairness audits of the models trained).
+/// As [`calibrate`], keeping room in the budget for `count` runs of each
+/// `reserve` step (the fairness audits of the models trained, the sites'
+/// prior release).
 pub fn calibrate_with_reserve(
     target: f64,
     sampling_rate: f64,
     steps: u64,
     delta: f64,
-    reserve: Option<(&Step, u64)>,
+    reserve: &[(Step, u64)],
 ) -> Option<f64> {
     let spent = |z: f64| {
         let mut spent = Accountant::default();
         spent.compose(&Step::gaussian(sampling_rate, z), steps);
-        if let Some((reserve, count)) = reserve {
-            spent.compose(reserve, count);
+        for (reserve, count) in reserve {
+            spent.compose(reserve, *count);
         }
         spent.epsilon(delta).epsilon
     };

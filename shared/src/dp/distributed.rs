@@ -59,8 +59,13 @@ impl PrivacyUnit {
     }
 }
 
-/// The value of the count coordinate, as a fraction of the clip norm.
+/// The value of the count coordinate, and of the unclipped flag, as a
+/// fraction of the clip norm.
 const COUNT_FRACTION: f32 = 0.25;
+
+/// Coordinates a private unit's vector has after its model delta: the count,
+/// then the flag that its delta was not clipped (for adaptive clipping).
+pub const PRIVATE_EXTRA: usize = 2;
 /// Integer units per unit of clip norm, per square root of the vector length:
 /// large enough that rounding inflates the sensitivity by well under 1%.
 const RESOLUTION: f64 = 10.0;
@@ -90,7 +95,14 @@ pub struct RoundPrivacy {
     pub rounded_bound: f64,
     /// Variance of the discrete Gaussian each site adds to each coordinate.
     pub local_variance: f64,
+    /// Noise multiplier of the site's one-off, local release of its
+    /// popularity prior for this lineage; 0: train without a prior.
+    pub prior_noise_multiplier: f64,
 }
+
+/// The smallest prior noise multiplier a site accepts: below it the one-off
+/// release would cost more than a whole run of rounds.
+pub const MIN_PRIOR_NOISE: f64 = 2.0;
 
 /// Why a round's privacy cannot be set up.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -162,6 +174,7 @@ impl RoundPrivacy {
             scale,
             rounded_bound,
             local_variance,
+            prior_noise_multiplier: 0.0,
         };
         let encoding = privacy.encoding(bits, sites)?;
         Ok((privacy, encoding))
@@ -190,6 +203,12 @@ impl RoundPrivacy {
         }
         if !(self.local_variance.is_finite() && self.local_variance >= 0.0) {
             return bad(format!("local_variance {}", self.local_variance));
+        }
+        let prior = self.prior_noise_multiplier;
+        if !(prior == 0.0 || (prior.is_finite() && prior >= MIN_PRIOR_NOISE)) {
+            return bad(format!(
+                "prior_noise_multiplier {prior}: 0 or at least {MIN_PRIOR_NOISE}"
+            ));
         }
         let needed = rounded_l2_bound(f64::from(self.clip_norm) * self.scale, length);
         // NaN fails too.
@@ -223,17 +242,57 @@ impl RoundPrivacy {
         }
     }
 
+    /// What this site's one-off release of its popularity prior costs each
+    /// customer (see the agent's `dataset` module), if the round uses one.
+    pub fn prior_step(&self) -> Option<Step> {
+        (self.prior_noise_multiplier > 0.0).then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+    }
+
     /// The count coordinate's value per unit.
     pub fn count_weight(&self) -> f32 {
         self.clip_norm * COUNT_FRACTION
     }
 
-    /// Split a decoded sum into the mean update and the (noisy) number of units.
-    pub fn mean_update(&self, mut sum: Vec<f64>) -> (Vec<f64>, f64) {
-        let count = sum.pop().unwrap_or(0.0) / f64::from(self.count_weight());
+    /// Split a decoded sum into the mean update, the (noisy) number of units
+    /// and the (noisy) number of them whose delta was not clipped.
+    pub fn mean_update(&self, mut sum: Vec<f64>) -> PrivateMean {
+        let weight = f64::from(self.count_weight());
+        let unclipped = sum.pop().unwrap_or(0.0) / weight;
+        let count = sum.pop().unwrap_or(0.0) / weight;
         let divisor = count.max(1.0);
         sum.iter_mut().for_each(|v| *v /= divisor);
-        (sum, count)
+        PrivateMean {
+            mean: sum,
+            count,
+            unclipped,
+        }
+    }
+
+    /// Standard deviation of the noise in each coordinate of the mean update
+    /// over `count` units, with at least `threshold` survivors adding noise.
+    pub fn noise_sd_of_mean(&self, threshold: usize, count: f64) -> f64 {
+        (threshold as f64 * self.local_variance.ceil()).sqrt() / self.scale / count.max(1.0)
+    }
+}
+
+/// A private round's decoded sum, as the coordinator uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivateMean {
+    /// The mean model delta over the units.
+    pub mean: Vec<f64>,
+    /// The noisy number of units.
+    pub count: f64,
+    /// The noisy number of units whose delta was within the clip norm.
+    pub unclipped: f64,
+}
+
+impl PrivateMean {
+    /// The noisy share of units whose delta was clipped, within [0, 1].
+    pub fn clipped_fraction(&self) -> f64 {
+        if self.count <= 0.0 {
+            return 0.0;
+        }
+        (1.0 - self.unclipped / self.count).clamp(0.0, 1.0)
     }
 }
 
@@ -247,9 +306,10 @@ pub struct Contribution {
 }
 
 impl Contribution {
-    /// An empty contribution to a model of `params` parameters (and the count).
+    /// An empty contribution to a model of `params` parameters (and the
+    /// count and the unclipped flag).
     pub fn new(params: usize) -> Self {
-        Self::of_length(params + 1)
+        Self::of_length(params + PRIVATE_EXTRA)
     }
 
     /// An empty contribution of vectors of `length` values, with no count
@@ -267,7 +327,12 @@ impl Contribution {
         self.units
     }
 
-    /// Add one unit's model delta: clipped, with its count, rounded within Δ.
+    /// Add one unit's model delta: clipped, with its count and whether it
+    /// was within the clip bound, rounded within Δ.
+    ///
+    /// The flag is inside the unit's norm bound (`‖(δ, C/4, C/4)‖ ≤ C`), so
+    /// estimating the clipped share for adaptive clipping (Andrew et al.
+    /// 2021) costs no privacy beyond the round's own.
     pub fn add<R: CryptoRng + ?Sized>(
         &mut self,
         privacy: &RoundPrivacy,
@@ -275,9 +340,11 @@ impl Contribution {
         rng: &mut R,
     ) {
         let weight = privacy.count_weight();
-        let delta_bound = (privacy.clip_norm.powi(2) - weight.powi(2)).sqrt();
+        let delta_bound = (privacy.clip_norm.powi(2) - 2.0 * weight.powi(2)).sqrt();
+        let unclipped = crate::dp::l2_norm(&delta) <= f64::from(delta_bound);
         clip_l2(&mut delta, delta_bound);
         delta.push(weight);
+        delta.push(if unclipped { weight } else { 0.0 });
         self.add_vector(privacy, delta, rng);
     }
 
@@ -383,7 +450,7 @@ mod tests {
     use rand::rngs::StdRng;
 
     fn plan(unit: PrivacyUnit) -> (RoundPrivacy, Encoding) {
-        RoundPrivacy::plan("test", unit, 0.1, 1.0, 1.0, 1e-6, 101, 5, 4, 32).unwrap()
+        RoundPrivacy::plan("test", unit, 0.1, 1.0, 1.0, 1e-6, 102, 5, 4, 32).unwrap()
     }
 
     fn norm(v: &[i64]) -> f64 {
@@ -435,7 +502,7 @@ mod tests {
     fn the_noisy_sum_decodes_to_the_mean_within_the_noise() {
         let (privacy, encoding) = plan(PrivacyUnit::Customer);
         let mut rng = StdRng::seed_from_u64(7);
-        let mut sum = vec![0u32; 101];
+        let mut sum = vec![0u32; 102];
         let per_site = 50;
         for _ in 0..5 {
             let mut site = Contribution::new(100);
@@ -447,7 +514,8 @@ mod tests {
                 &site.finish(&privacy, &encoding, &mut rng).unwrap(),
             );
         }
-        let (mean, count) = privacy.mean_update(encoding.decode_sum(&sum));
+        let PrivateMean { mean, count, unclipped } = privacy.mean_update(encoding.decode_sum(&sum));
+        assert!((unclipped - 250.0).abs() < 10.0, "nothing was clipped: {unclipped}");
         let sd_count = (5.0 * privacy.local_variance).sqrt()
             / privacy.scale
             / f64::from(privacy.count_weight());
@@ -469,13 +537,13 @@ mod tests {
     #[test]
     fn a_site_refuses_a_rounding_bound_below_what_the_clip_norm_needs() {
         let (mut privacy, _) = plan(PrivacyUnit::Customer);
-        privacy.check(101).unwrap();
+        privacy.check(102).unwrap();
         privacy.rounded_bound /= 2.0;
-        let err = privacy.check(101).unwrap_err().to_string();
+        let err = privacy.check(102).unwrap_err().to_string();
         assert!(err.contains("rounded_bound"), "{err}");
         let (mut privacy, _) = plan(PrivacyUnit::Customer);
         privacy.sampling_rate = 0.0;
-        assert!(privacy.check(101).is_err());
+        assert!(privacy.check(102).is_err());
     }
 
     #[test]

@@ -69,18 +69,22 @@ impl Ledger {
         self.accountant().epsilon(delta).epsilon
     }
 
-    /// Record `step` for `round` if ε stays within `max` at `delta`; returns ε after it.
+    /// Record `steps` (a round's mechanism, and any one-off release it pays
+    /// for) for `round` if ε stays within `max` at `delta`; returns ε after them.
     pub fn spend(
         &mut self,
         lineage: &str,
         round: RoundId,
-        step: Step,
+        steps: &[Step],
         max: f64,
         delta: f64,
     ) -> Result<f64, Refusal> {
         let accountant = self.accountant();
         let spent = accountant.epsilon(delta).epsilon;
-        let next = accountant.after(&step, 1).epsilon(delta).epsilon;
+        let after = steps
+            .iter()
+            .fold(accountant, |acc, step| acc.after(step, 1));
+        let next = after.epsilon(delta).epsilon;
         if next > max {
             return Err(Refusal {
                 lineage: lineage.to_string(),
@@ -91,7 +95,8 @@ impl Ledger {
                 rounds: self.entries.len(),
             });
         }
-        self.entries.push(LedgerEntry { round, step });
+        self.entries
+            .extend(steps.iter().map(|&step| LedgerEntry { round, step }));
         Ok(next)
     }
 }
@@ -106,7 +111,7 @@ mod tests {
         let step = Step::gaussian(0.1, 2.0);
         let mut rounds = 0;
         let refusal = loop {
-            match ledger.spend("menu-v1", RoundId(rounds), step, 2.0, 1e-6) {
+            match ledger.spend("menu-v1", RoundId(rounds), &[step], 2.0, 1e-6) {
                 Ok(epsilon) => assert!(epsilon <= 2.0),
                 Err(refusal) => break refusal,
             }

@@ -1,12 +1,97 @@
-//! Model inputs computed at the site from a customer's own order history.
+//! Model inputs computed at the site from a customer's own order history:
+//! the one pipeline that training, evaluation, fairness audits and the till's
+//! recommendations all go through.
 //!
-//! A customer is represented by a recency-weighted pooling of the items they
-//! ordered before: the most recent order has weight 1, the one before it
-//! `decay`, then `decay^2`, and so on; the weights are normalised to sum to 1.
-//! There are no per-customer parameters, so a new customer is served from their
-//! first order and erasing a customer is deleting their rows.
+//! An [`Example`] has two parts, one per channel of the model:
+//! - **explore**: a recency-weighted pooling of the items ordered before (the
+//!   most recent order has weight 1, the one before it `decay`, and so on,
+//!   normalised to sum to 1), which the model maps through item embeddings;
+//! - **repeat**: for each item the customer ordered before, a short vector of
+//!   facts about that item in their history ([`RepeatFeature`]): how often,
+//!   how recently, at which time of day. The model scores it with a handful
+//!   of global weights.
+//!
+//! Both are functions of the customer's own orders and the time of the order
+//! being predicted: there are no per-customer parameters, so a new customer is
+//! served from their first order and erasing a customer is deleting their rows.
+//! Nothing else at the site (other customers' orders, site popularity) enters,
+//! so one customer's data moves only that customer's contribution, which is
+//! what the customer-level sensitivity bound rests on.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+/// When an order is (or will be) placed, in the site's local time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    /// Seconds since the Unix epoch.
+    pub time: i64,
+    /// Day of the week in the site's local time, Monday = 0.
+    pub weekday: u8,
+    /// Hour of the day in the site's local time, 0 to 23.
+    pub hour: u8,
+}
+
+impl Context {
+    /// The local weekday and hour of `time` at a site `utc_offset` seconds
+    /// east of UTC. The only place either is computed.
+    pub fn at(time: i64, utc_offset: i32) -> Self {
+        let local = time + i64::from(utc_offset);
+        let days = local.div_euclid(86_400);
+        // 1970-01-01 was a Thursday: Monday = 0 means Thursday = 3.
+        let weekday = ((days + 3).rem_euclid(7)) as u8;
+        let hour = (local.rem_euclid(86_400) / 3600) as u8;
+        Self {
+            time,
+            weekday,
+            hour,
+        }
+    }
+}
+
+/// The part of the day an hour belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Daypart {
+    /// 05–10h.
+    Breakfast,
+    /// 11–14h.
+    Lunch,
+    /// 15–17h.
+    Afternoon,
+    /// 18–21h.
+    Dinner,
+    /// 22–04h.
+    Night,
+}
+
+/// Number of dayparts.
+pub const DAYPARTS: usize = 5;
+
+impl Daypart {
+    /// The daypart of a local hour.
+    pub fn of(hour: u8) -> Self {
+        match hour {
+            5..=10 => Self::Breakfast,
+            11..=14 => Self::Lunch,
+            15..=17 => Self::Afternoon,
+            18..=21 => Self::Dinner,
+            _ => Self::Night,
+        }
+    }
+
+    /// The meal, in words ("breakfast", "the afternoon").
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Breakfast => "breakfast",
+            Self::Lunch => "lunch",
+            Self::Afternoon => "the afternoon",
+            Self::Dinner => "dinner",
+            Self::Night => "night",
+        }
+    }
+}
 
 /// One order of one customer, as the model sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,17 +106,134 @@ pub struct OrderRecord {
     pub items: Vec<u32>,
 }
 
+impl OrderRecord {
+    /// An order placed at `time` at a site `utc_offset` seconds east of UTC.
+    pub fn new(time: i64, utc_offset: i32, items: Vec<u32>) -> Self {
+        let at = Context::at(time, utc_offset);
+        Self {
+            time,
+            weekday: at.weekday,
+            hour: at.hour,
+            items,
+        }
+    }
+
+    /// When the order was placed.
+    pub fn context(&self) -> Context {
+        Context {
+            time: self.time,
+            weekday: self.weekday,
+            hour: self.hour,
+        }
+    }
+}
+
+/// The facts about one previously ordered item, in [`Example::repeat`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RepeatFeature {
+    /// 1: the item is in the history (the repeat channel's bias).
+    InHistory,
+    /// `(L − r)/L` for the item's rank r (0-based) among the L distinct
+    /// history items in GP-TopFreq order: more orders first, then more
+    /// recently ordered, then menu order. The initial model ranks by it alone.
+    TopFreqRank,
+    /// `ln(1 + orders containing the item)`.
+    LogCount,
+    /// Share of the customer's orders that contain the item.
+    OrderShare,
+    /// The same share with recency weights (`decay` per order back).
+    DecayedShare,
+    /// 1 if the item was in the last order.
+    InLastOrder,
+    /// `1 / (1 + orders since the item was last ordered)`.
+    Recency,
+    /// `ln(1 + days since the item was last ordered) / ln(366)`.
+    DaysSince,
+    /// Share of the customer's orders in the predicted order's daypart that
+    /// contain the item (0 with no order in that daypart).
+    DaypartShare,
+    /// Share of the item's orders that were in the predicted order's daypart.
+    DaypartAffinity,
+    /// Share of the customer's orders on the same kind of day (weekend or
+    /// weekday) as the predicted order that contain the item.
+    DayKindShare,
+    /// `ln(1 + orders in the history) / ln(101)`, the same for every item:
+    /// how much history there is to repeat from.
+    HistoryDepth,
+}
+
+/// Length of a repeat feature vector.
+pub const REPEAT_FEATURES: usize = 12;
+
+/// What the site knows about its menu as a whole: each item's log share of
+/// the site's orders, `ln((c_i + 1) / (Σc + m))` for counts `c` (smoothed,
+/// so every value is negative). It ranks items never ordered by a customer
+/// as the site's popularity does; in private rounds the counts are a
+/// differentially private release (see the agent's `dataset` module), since
+/// every customer's orders are in them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SitePrior {
+    /// Per menu item; empty when the site has none (every item then ties).
+    pub log_share: Vec<f32>,
+}
+
+impl SitePrior {
+    /// The prior of per-item counts (any non-negative values).
+    pub fn from_counts(counts: &[f64]) -> Self {
+        let m = counts.len() as f64;
+        let total: f64 = counts.iter().map(|c| c.max(0.0)).sum();
+        Self {
+            log_share: counts
+                .iter()
+                .map(|c| ((c.max(0.0) + 1.0) / (total + m)).ln() as f32)
+                .collect(),
+        }
+    }
+}
+
 /// A training or evaluation example: a history, a context and the items ordered next.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     /// Sparse pooled history: (menu index, weight), weights summing to 1.
     pub history: Vec<(u32, f32)>,
+    /// Each previously ordered item's repeat features, sorted by menu index.
+    pub repeat: Vec<(u32, [f32; REPEAT_FEATURES])>,
     /// Weekday of the order to predict.
     pub weekday: u8,
     /// Hour of the order to predict.
     pub hour: u8,
     /// Items of the order to predict.
     pub target: Vec<u32>,
+    /// The site's prior over its menu, shared by the site's examples.
+    pub prior: std::sync::Arc<SitePrior>,
+}
+
+impl Example {
+    /// The example for an order at `at` after the `past` orders (oldest first).
+    pub fn new(past: &[OrderRecord], at: Context, decay: f32, target: Vec<u32>) -> Self {
+        Self {
+            history: history_weights(past, decay),
+            repeat: repeat_features(past, at, decay),
+            weekday: at.weekday,
+            hour: at.hour,
+            target,
+            prior: Default::default(),
+        }
+    }
+
+    /// The same example with the site's prior.
+    pub fn with_prior(self, prior: &std::sync::Arc<SitePrior>) -> Self {
+        Self {
+            prior: prior.clone(),
+            ..self
+        }
+    }
+
+    /// Whether `item` was ordered before.
+    pub fn has_ordered(&self, item: u32) -> bool {
+        self.repeat.binary_search_by_key(&item, |(i, _)| *i).is_ok()
+    }
 }
 
 /// Pool the items of `past` orders (oldest first) with recency weights.
@@ -39,7 +241,7 @@ pub struct Example {
 /// Returns sparse (index, weight) pairs sorted by index, or an empty vector
 /// for an empty history.
 pub fn history_weights(past: &[OrderRecord], decay: f32) -> Vec<(u32, f32)> {
-    let mut weights: std::collections::BTreeMap<u32, f32> = Default::default();
+    let mut weights: BTreeMap<u32, f32> = Default::default();
     let mut w = 1.0f32;
     for order in past.iter().rev() {
         for &item in &order.items {
@@ -54,16 +256,128 @@ pub fn history_weights(past: &[OrderRecord], decay: f32) -> Vec<(u32, f32)> {
     weights.into_iter().map(|(i, v)| (i, v / total)).collect()
 }
 
+/// Per item of a history: what the repeat features are computed from.
+#[derive(Debug, Default, Clone, Copy)]
+struct ItemFacts {
+    count: u32,
+    decayed: f64,
+    last_order: usize,
+    last_time: i64,
+    in_daypart: u32,
+    in_day_kind: u32,
+}
+
+fn is_weekend(weekday: u8) -> bool {
+    weekday >= 5
+}
+
+fn item_facts(past: &[OrderRecord], at: Context, decay: f32) -> BTreeMap<u32, ItemFacts> {
+    let mut facts: BTreeMap<u32, ItemFacts> = BTreeMap::new();
+    let n = past.len();
+    let daypart = Daypart::of(at.hour);
+    for (k, order) in past.iter().enumerate() {
+        let weight = f64::from(decay).powi((n - 1 - k) as i32);
+        let same_daypart = Daypart::of(order.hour) == daypart;
+        let same_kind = is_weekend(order.weekday) == is_weekend(at.weekday);
+        for &item in &order.items {
+            let f = facts.entry(item).or_default();
+            f.count += 1;
+            f.decayed += weight;
+            f.last_order = k;
+            f.last_time = order.time;
+            f.in_daypart += u32::from(same_daypart);
+            f.in_day_kind += u32::from(same_kind);
+        }
+    }
+    facts
+}
+
+/// The distinct items of `past` in GP-TopFreq order: more orders first, then
+/// more recently ordered, then lower menu index.
+pub fn topfreq_order(past: &[OrderRecord]) -> Vec<u32> {
+    let facts = item_facts(past, Context::at(0, 0), 1.0);
+    ranked_by_frequency(&facts)
+}
+
+fn ranked_by_frequency(facts: &BTreeMap<u32, ItemFacts>) -> Vec<u32> {
+    let mut items: Vec<u32> = facts.keys().copied().collect();
+    items.sort_by(|a, b| {
+        let (fa, fb) = (&facts[a], &facts[b]);
+        fb.count
+            .cmp(&fa.count)
+            .then(fb.last_order.cmp(&fa.last_order))
+            .then(a.cmp(b))
+    });
+    items
+}
+
+/// Each previously ordered item's repeat features, sorted by menu index.
+pub fn repeat_features(
+    past: &[OrderRecord],
+    at: Context,
+    decay: f32,
+) -> Vec<(u32, [f32; REPEAT_FEATURES])> {
+    use RepeatFeature as F;
+    let facts = item_facts(past, at, decay);
+    let rank: BTreeMap<u32, usize> = ranked_by_frequency(&facts)
+        .into_iter()
+        .enumerate()
+        .map(|(r, item)| (item, r))
+        .collect();
+    let n = past.len();
+    let distinct = facts.len() as f64;
+    let decayed_total: f64 = (0..n).map(|k| f64::from(decay).powi(k as i32)).sum();
+    let daypart = Daypart::of(at.hour);
+    let orders_in_daypart = past
+        .iter()
+        .filter(|o| Daypart::of(o.hour) == daypart)
+        .count();
+    let orders_of_kind = past
+        .iter()
+        .filter(|o| is_weekend(o.weekday) == is_weekend(at.weekday))
+        .count();
+    let share = |part: u32, whole: usize| {
+        if whole == 0 {
+            0.0
+        } else {
+            f64::from(part) / whole as f64
+        }
+    };
+    let depth = (1.0 + n as f64).ln() / 101f64.ln();
+    facts
+        .iter()
+        .map(|(&item, f)| {
+            let mut v = [0.0f64; REPEAT_FEATURES];
+            v[F::InHistory as usize] = 1.0;
+            v[F::TopFreqRank as usize] = (distinct - rank[&item] as f64) / distinct;
+            v[F::LogCount as usize] = f64::from(f.count).ln_1p();
+            v[F::OrderShare as usize] = share(f.count, n);
+            v[F::DecayedShare as usize] = f.decayed / decayed_total;
+            v[F::InLastOrder as usize] = if f.last_order + 1 == n { 1.0 } else { 0.0 };
+            v[F::Recency as usize] = 1.0 / (n - f.last_order) as f64;
+            let days = ((at.time - f.last_time).max(0) as f64) / 86_400.0;
+            v[F::DaysSince as usize] = days.ln_1p() / 366f64.ln();
+            v[F::DaypartShare as usize] = share(f.in_daypart, orders_in_daypart);
+            v[F::DaypartAffinity as usize] = share(f.in_daypart, f.count as usize);
+            v[F::DayKindShare as usize] = share(f.in_day_kind, orders_of_kind);
+            v[F::HistoryDepth as usize] = depth;
+            (item, v.map(|x| x as f32))
+        })
+        .collect()
+}
+
 /// One example per order after the first: predict order k from orders before k.
 ///
 /// `orders` must be sorted oldest first.
 pub fn training_examples(orders: &[OrderRecord], decay: f32) -> Vec<Example> {
     (1..orders.len())
-        .map(|k| Example {
-            history: history_weights(&orders[..k], decay),
-            weekday: orders[k].weekday,
-            hour: orders[k].hour,
-            target: orders[k].items.clone(),
+        .map(|k| {
+            Example::new(
+                &orders[..k],
+                orders[k].context(),
+                decay,
+                orders[k].items.clone(),
+            )
         })
         .collect()
 }
@@ -99,5 +413,68 @@ mod tests {
         assert_eq!(ex.len(), 2);
         assert_eq!(ex[1].target, vec![2, 3]);
         assert_eq!(ex[0].history, vec![(0, 1.0)]);
+        assert!(ex[1].has_ordered(1) && !ex[1].has_ordered(2));
+    }
+
+    #[test]
+    fn topfreq_breaks_ties_by_recency_then_index() {
+        // Item 5 twice; 2 and 7 once each, 7 more recently; 3 and 4 together last.
+        let past = [
+            order(1, &[5]),
+            order(2, &[2, 5]),
+            order(3, &[7]),
+            order(4, &[3, 4]),
+        ];
+        assert_eq!(topfreq_order(&past), vec![5, 3, 4, 7, 2]);
+    }
+
+    #[test]
+    fn repeat_features_of_a_habit() {
+        let day = 86_400;
+        // Item 0 in six of seven lunch orders, item 1 once at dinner, last.
+        let mut past: Vec<OrderRecord> = (0..6).map(|k| order(k * day, &[0])).collect();
+        past.push(OrderRecord {
+            hour: 19,
+            ..order(6 * day, &[1])
+        });
+        let at = Context {
+            time: 8 * day,
+            weekday: 1,
+            hour: 12,
+        };
+        let features = repeat_features(&past, at, 0.8);
+        let f = |item: usize, which: RepeatFeature| features[item].1[which as usize];
+        assert_eq!(features.len(), 2);
+        assert_eq!(f(0, RepeatFeature::TopFreqRank), 1.0);
+        assert_eq!(f(1, RepeatFeature::TopFreqRank), 0.5);
+        assert!((f(0, RepeatFeature::OrderShare) - 6.0 / 7.0).abs() < 1e-6);
+        assert_eq!(f(1, RepeatFeature::InLastOrder), 1.0);
+        assert_eq!(f(0, RepeatFeature::InLastOrder), 0.0);
+        assert_eq!(f(0, RepeatFeature::Recency), 0.5);
+        assert_eq!(f(0, RepeatFeature::DaypartShare), 1.0);
+        assert_eq!(f(1, RepeatFeature::DaypartShare), 0.0);
+        assert_eq!(f(1, RepeatFeature::DaypartAffinity), 0.0);
+        assert!(f(0, RepeatFeature::DaysSince) > f(1, RepeatFeature::DaysSince));
+    }
+
+    #[test]
+    fn local_weekday_and_hour() {
+        // 2025-01-06T08:30:00+02:00 is a Monday, 08h local (06:30 UTC).
+        let t = 1_736_145_000;
+        let at = Context::at(t, 7200);
+        assert_eq!((at.weekday, at.hour), (0, 8));
+        // 2025-01-12T23:59Z is a Sunday; five hours west it is 18h the same day.
+        let sunday = 1_736_726_340;
+        assert_eq!(Context::at(sunday, 0).weekday, 6);
+        assert_eq!(
+            (Context::at(sunday, -5 * 3600).weekday, Context::at(sunday, -5 * 3600).hour),
+            (6, 18)
+        );
+        // A negative offset across midnight: 00:30 UTC Monday is Sunday 19:30 at -05:00.
+        let monday = 1_736_123_400;
+        assert_eq!(
+            (Context::at(monday, -5 * 3600).weekday, Context::at(monday, -5 * 3600).hour),
+            (6, 19)
+        );
     }
 }

@@ -15,7 +15,10 @@ mod recommender;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use features::{Example, OrderRecord, history_weights, training_examples};
+pub use features::{
+    Context, DAYPARTS, Daypart, Example, OrderRecord, REPEAT_FEATURES, RepeatFeature, SitePrior, history_weights,
+    repeat_features, topfreq_order, training_examples,
+};
 pub use menu::{Menu, MenuError, MenuItem};
 pub use recommender::{Batch, Recommender};
 
@@ -26,8 +29,42 @@ pub const WEEKDAYS: usize = 7;
 /// Hours of the day.
 pub const HOURS: usize = 24;
 
-/// Initial weight of "ordered before" in an item's score (see [`Recommender`]).
-const REPEAT_GAIN_INIT: f32 = 5.0;
+/// Slots of the head: the explore gain, the prior weight, the new-item biases
+/// and the repeat weights, after everything else (see [`TrainScope`]).
+const HEAD_SLOTS: usize = 4;
+/// Slots of the linear part: the head, then before it the daypart biases and
+/// the co-occurrence matrix.
+const LINEAR_SLOTS: usize = 6;
+
+/// Which parameters a round trains and its update carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainScope {
+    /// The coordinator decides: the head under customer-level DP, all otherwise.
+    #[default]
+    Auto,
+    /// Every parameter.
+    All,
+    /// The linear part: the head, the daypart-by-item biases and the
+    /// item-to-item co-occurrence matrix (menu² values), not the embeddings
+    /// and the MLP.
+    Linear,
+    /// Only the head: repeat weights, new-item biases and the explore gain
+    /// (the menu plus 14 values).
+    Head,
+}
+
+impl TrainScope {
+    /// The scope a round uses: `Auto` is the head when the round is private
+    /// (a few hundred values learn under noise that drowns tens of thousands).
+    pub fn resolve(self, private: bool) -> Self {
+        match self {
+            Self::Auto if private => Self::Head,
+            Self::Auto => Self::All,
+            other => other,
+        }
+    }
+}
 
 /// Dimensions of the recommender.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -126,15 +163,38 @@ impl ModelSpec {
         };
         vec![
             slot("item_embedding", &[m, d]),
-            slot("item_bias", &[m]),
             slot("weekday_embedding", &[WEEKDAYS, c]),
             slot("hour_embedding", &[HOURS, c]),
             slot("hidden_weight", &[d + 2 * c, h]),
             slot("hidden_bias", &[h]),
             slot("output_weight", &[h, d]),
             slot("output_bias", &[d]),
-            slot("repeat_gain", &[1]),
+            slot("cooccurrence", &[m, m]),
+            slot("daypart_bias", &[DAYPARTS, m]),
+            slot("explore_gain", &[1]),
+            slot("prior_weight", &[1]),
+            slot("item_bias", &[m]),
+            slot("repeat_weight", &[REPEAT_FEATURES, 1]),
         ]
+    }
+
+    /// Values in the last `slots` slots of the layout.
+    fn tail_len(&self, slots: usize) -> usize {
+        let layout = self.layout();
+        layout[layout.len() - slots..]
+            .iter()
+            .map(ParamSlot::len)
+            .sum()
+    }
+
+    /// The flat range a scope trains (`Auto` is taken as `All`).
+    pub fn trainable(&self, scope: TrainScope) -> std::ops::Range<usize> {
+        let all = self.param_count();
+        match scope {
+            TrainScope::Head => all - self.tail_len(HEAD_SLOTS)..all,
+            TrainScope::Linear => all - self.tail_len(LINEAR_SLOTS)..all,
+            TrainScope::All | TrainScope::Auto => 0..all,
+        }
     }
 
     /// Total number of parameters.
@@ -153,7 +213,7 @@ impl ModelSpec {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         };
-        put(b"potluck-model-spec-v1");
+        put(b"potluck-model-spec-v2");
         for slot in self.layout() {
             put(slot.path.as_bytes());
             for dim in &slot.shape {
@@ -171,19 +231,40 @@ impl ModelSpec {
 
     /// Deterministic initial parameters in the canonical layout.
     ///
-    /// Embeddings and weights are drawn from N(0, 1/fan_in) (embeddings with
-    /// fan-in taken as their width), biases start at zero.
+    /// The initial model is the strongest simple baseline, GP-TopFreq: the
+    /// repeat weights read only the GP-TopFreq rank (weight 1) and the history
+    /// flag (weight 1), so every ordered item scores in (1, 2] in GP-TopFreq
+    /// order; every other item scores its site prior (weight 1, a negative
+    /// log share), so the free slots go to the site's most popular items,
+    /// ties to menu order; everything else in the explore channel starts at
+    /// 0. Training can then only add to the baseline.
+    /// Embeddings and MLP weights are drawn from N(0, 1/fan_in) (embeddings
+    /// with fan-in taken as their width) so that the explore channel has
+    /// something to learn from once its gain moves; biases, the co-occurrence
+    /// matrix and the daypart biases start at 0.
     pub fn initial_params(&self, seed: u64) -> Vec<f32> {
         use rand::SeedableRng;
         use rand_distr::{Distribution, Normal};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut params = Vec::with_capacity(self.param_count());
         for slot in self.layout() {
-            if slot.path == "repeat_gain" {
-                params.push(REPEAT_GAIN_INIT);
+            if slot.path == "prior_weight" {
+                params.push(1.0);
                 continue;
             }
-            if slot.shape.len() == 1 {
+            if slot.path == "repeat_weight" {
+                params.extend((0..REPEAT_FEATURES).map(|f| {
+                    if f == RepeatFeature::InHistory as usize
+                        || f == RepeatFeature::TopFreqRank as usize
+                    {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                }));
+                continue;
+            }
+            if slot.shape.len() == 1 || matches!(slot.path, "cooccurrence" | "daypart_bias") {
                 params.extend(std::iter::repeat_n(0.0, slot.len()));
                 continue;
             }

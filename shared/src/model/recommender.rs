@@ -1,44 +1,75 @@
-//! The burn module.
+//! The burn module: a repeat channel and an explore channel.
 //!
 //! # Shapes
 //! - history: `[batch, menu]`, pooled history weights
+//! - repeat: `[batch · menu, REPEAT_FEATURES]`, each item's repeat features
+//!   (zero rows for items never ordered)
 //! - weekday, hour: `[batch]`, context indices
 //! - logits: `[batch, menu]`
 //!
-//! The customer vector `u = history · E` (E the item embeddings) and the context
-//! embeddings feed a one-hidden-layer MLP whose output, added to `u`, is a query
-//! `q`; item scores are `q · Eᵀ + item_bias + g · history`. Sharing `E`
-//! between input and output keeps the model small; the single global gain
-//! `g` lets "ordered X before" raise X's score directly (customers re-order),
-//! without any per-customer parameter.
+//! Item `i`'s score for a customer with pooled history `p` (weights over the
+//! menu), ordering at daypart `t`, is
+//! `s_i = h_i·(w · f_i) + (1 − h_i)·(b_i + a·π_i) + Σ_j p_j·W_ji + D_ti + g·(q · E_i)`:
+//! - **repeat**: `h_i` is 1 if the customer ordered `i` before and `f_i` are
+//!   that item's repeat features; `w` is a dozen global weights. This is the
+//!   channel that can say "ordered this 6 times out of 7".
+//! - **explore**: for items the customer has not ordered, `π_i` is the site's
+//!   prior (its log share of the site's orders, [`super::SitePrior`]) with a
+//!   global weight `a`, and `b_i` a global bias; `W` an item-to-item co-occurrence matrix (what customers who
+//!   ordered `j` order next); `D` a daypart-by-item bias (breakfast items in
+//!   the morning); and `q · E_i` a low-rank, context-aware term: the customer
+//!   vector `u = p · E` (E the item embeddings) and the context embeddings
+//!   feed a one-hidden-layer MLP whose output, added to `u`, is a query `q`,
+//!   scored against every item's embedding, with a global gain `g`.
+//!
+//! The initial weights ([`super::ModelSpec::initial_params`]) make `w` read
+//! only the GP-TopFreq rank and the history flag, `a = 1`, and `b`, `W`, `D`
+//! and `g` at 0, so the untrained model ranks exactly as GP-TopFreq does (the
+//! customer's own items, then the site's popular ones) and training can only
+//! add to it. No parameter belongs to a
+//! customer.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::activation::{log_softmax, relu};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use super::features::{Daypart, REPEAT_FEATURES};
 use super::{Example, ModelError, ModelSpec, check_vector};
 
 /// The next-order recommender; field order is the canonical parameter order.
+///
+/// The fields from `cooccurrence` on are the model's linear part, the last
+/// three its *head* ([`super::TrainScope`]): the parts customer-level DP can
+/// train on their own.
 #[derive(Module, Debug)]
 pub struct Recommender {
     item_embedding: Param<Tensor<2>>,
-    item_bias: Param<Tensor<1>>,
     weekday_embedding: Param<Tensor<2>>,
     hour_embedding: Param<Tensor<2>>,
     hidden_weight: Param<Tensor<2>>,
     hidden_bias: Param<Tensor<1>>,
     output_weight: Param<Tensor<2>>,
     output_bias: Param<Tensor<1>>,
-    repeat_gain: Param<Tensor<1>>,
+    cooccurrence: Param<Tensor<2>>,
+    daypart_bias: Param<Tensor<2>>,
+    explore_gain: Param<Tensor<1>>,
+    prior_weight: Param<Tensor<1>>,
+    item_bias: Param<Tensor<1>>,
+    repeat_weight: Param<Tensor<2>>,
 }
 
 /// A batch of examples as tensors.
 #[derive(Debug, Clone)]
 pub struct Batch {
     history: Tensor<2>,
+    repeat: Tensor<2>,
+    seen: Tensor<2>,
+    prior: Tensor<2>,
     weekday: Tensor<1, Int>,
     hour: Tensor<1, Int>,
+    daypart: Tensor<1, Int>,
     target: Tensor<2>,
+    menu_len: usize,
 }
 
 impl Batch {
@@ -46,12 +77,25 @@ impl Batch {
     pub fn new(examples: &[&Example], menu_len: usize, device: &Device) -> Self {
         let n = examples.len();
         let mut history = vec![0.0f32; n * menu_len];
+        let mut repeat = vec![0.0f32; n * menu_len * REPEAT_FEATURES];
+        let mut seen = vec![0.0f32; n * menu_len];
+        let mut prior = vec![0.0f32; n * menu_len];
         let mut target = vec![0.0f32; n * menu_len];
         let mut weekday = Vec::with_capacity(n);
         let mut hour = Vec::with_capacity(n);
+        let mut daypart = Vec::with_capacity(n);
         for (row, ex) in examples.iter().enumerate() {
             for &(i, w) in &ex.history {
                 history[row * menu_len + i as usize] = w;
+            }
+            if ex.prior.log_share.len() == menu_len {
+                prior[row * menu_len..(row + 1) * menu_len].copy_from_slice(&ex.prior.log_share);
+            }
+            for (i, features) in &ex.repeat {
+                let cell = row * menu_len + *i as usize;
+                seen[cell] = 1.0;
+                repeat[cell * REPEAT_FEATURES..(cell + 1) * REPEAT_FEATURES]
+                    .copy_from_slice(features);
             }
             let share = 1.0 / ex.target.len().max(1) as f32;
             for &i in &ex.target {
@@ -59,21 +103,39 @@ impl Batch {
             }
             weekday.push(i64::from(ex.weekday));
             hour.push(i64::from(ex.hour));
+            daypart.push(Daypart::of(ex.hour) as i64);
         }
+        let repeat_shape = [n * menu_len, REPEAT_FEATURES];
         Self {
             history: Tensor::from_data(TensorData::new(history, [n, menu_len]), device),
+            repeat: Tensor::from_data(TensorData::new(repeat, repeat_shape), device),
+            seen: Tensor::from_data(TensorData::new(seen, [n, menu_len]), device),
+            prior: Tensor::from_data(TensorData::new(prior, [n, menu_len]), device),
             weekday: Tensor::from_data(TensorData::new(weekday, [n]), device),
             hour: Tensor::from_data(TensorData::new(hour, [n]), device),
+            daypart: Tensor::from_data(TensorData::new(daypart, [n]), device),
             target: Tensor::from_data(TensorData::new(target, [n, menu_len]), device),
+            menu_len,
         }
     }
 }
 
 impl Recommender {
-    /// Build the module from parameters in the canonical layout.
+    /// Build the module from parameters in the canonical layout, all trainable.
     pub fn from_params(
         spec: &ModelSpec,
         params: &[f32],
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        Self::with_trainable(spec, params, 0, device)
+    }
+
+    /// As [`Self::from_params`], with every parameter before flat offset
+    /// `trainable_from` frozen (it must fall on a parameter boundary).
+    pub fn with_trainable(
+        spec: &ModelSpec,
+        params: &[f32],
+        trainable_from: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
         check_vector(params, spec.param_count())?;
@@ -82,19 +144,27 @@ impl Recommender {
         let mut take = |i: usize| {
             let slot = &layout[i];
             let values = params[offset..offset + slot.len()].to_vec();
+            let frozen = offset < trainable_from;
             offset += slot.len();
-            TensorData::new(values, slot.shape.clone())
+            (TensorData::new(values, slot.shape.clone()), !frozen)
         };
+        fn param<const D: usize>((data, grad): (TensorData, bool), device: &Device) -> Param<Tensor<D>> {
+            Param::from_data(data, device).set_require_grad(grad)
+        }
         Ok(Self {
-            item_embedding: Param::from_data(take(0), device),
-            item_bias: Param::from_data(take(1), device),
-            weekday_embedding: Param::from_data(take(2), device),
-            hour_embedding: Param::from_data(take(3), device),
-            hidden_weight: Param::from_data(take(4), device),
-            hidden_bias: Param::from_data(take(5), device),
-            output_weight: Param::from_data(take(6), device),
-            output_bias: Param::from_data(take(7), device),
-            repeat_gain: Param::from_data(take(8), device),
+            item_embedding: param(take(0), device),
+            weekday_embedding: param(take(1), device),
+            hour_embedding: param(take(2), device),
+            hidden_weight: param(take(3), device),
+            hidden_bias: param(take(4), device),
+            output_weight: param(take(5), device),
+            output_bias: param(take(6), device),
+            cooccurrence: param(take(7), device),
+            daypart_bias: param(take(8), device),
+            explore_gain: param(take(9), device),
+            prior_weight: param(take(10), device),
+            item_bias: param(take(11), device),
+            repeat_weight: param(take(12), device),
         })
     }
 
@@ -117,6 +187,7 @@ impl Recommender {
 
     /// Item scores for each example of the batch.
     pub fn forward(&self, batch: &Batch) -> Tensor<2> {
+        let [n, m] = [batch.history.dims()[0], batch.menu_len];
         let items = self.item_embedding.val();
         let user = batch.history.clone().matmul(items.clone());
         let weekday = self
@@ -130,8 +201,22 @@ impl Recommender {
         let query = hidden.matmul(self.output_weight.val())
             + self.output_bias.val().unsqueeze_dim(0)
             + user;
-        let repeat = batch.history.clone() * self.repeat_gain.val().unsqueeze_dim(0);
-        query.matmul(items.transpose()) + self.item_bias.val().unsqueeze_dim(0) + repeat
+        let explore = query.matmul(items.transpose()) * self.explore_gain.val().unsqueeze_dim(0);
+        let repeat = batch
+            .repeat
+            .clone()
+            .matmul(self.repeat_weight.val())
+            .reshape([n, m]);
+        let unseen = batch.seen.clone().neg() + 1.0;
+        let cooccurrence = batch.history.clone().matmul(self.cooccurrence.val());
+        let daypart = self.daypart_bias.val().select(0, batch.daypart.clone());
+        explore
+            + cooccurrence
+            + daypart
+            + repeat
+            + unseen
+                * (self.item_bias.val().unsqueeze_dim(0)
+                    + batch.prior.clone() * self.prior_weight.val().unsqueeze_dim(0))
     }
 
     /// Mean softmax cross-entropy against the batch's normalised multi-hot targets.

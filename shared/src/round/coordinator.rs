@@ -2,7 +2,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::optimizer::{OptimizerState, ServerOptimizer};
 use super::split_aggregate;
+use crate::dp::distributed::PRIVATE_EXTRA;
 use crate::dp::{Accountant, PrivacyUnit, RoundPrivacy, Step};
 use crate::fairness::{AuditSpec, FairnessReport, Gate};
 use crate::ids::{ModelVersion, RoundId, SiteId};
@@ -34,8 +36,8 @@ pub struct RoundConfig {
     /// Once `min_sites` are connected, how long to wait for more before opening the
     /// first round after a start, so that sites starting together join one cohort.
     pub cohort_wait: Duration,
-    /// Step size applied to the averaged update.
-    pub server_learning_rate: f32,
+    /// How the averaged update is applied to the model.
+    pub server_optimizer: ServerOptimizer,
     /// Local training and privacy settings sent with each round.
     pub settings: TrainSettings,
     /// Combine updates by secure aggregation (the default). Turning it off lets
@@ -95,6 +97,34 @@ pub struct PrivacyPolicy {
     pub target_epsilon: f64,
     /// ...at this δ.
     pub delta: f64,
+    /// Noise multiplier of each site's one-off release of its popularity
+    /// prior (0: private rounds train without a prior).
+    pub prior_noise_multiplier: f64,
+    /// Adaptive clipping: the share of customers whose update should fit
+    /// the clip norm (absent: the clip norm stays `clip_norm`).
+    pub clip_quantile: Option<f64>,
+    /// How fast the clip norm follows that quantile (η of Andrew et al.).
+    pub clip_learning_rate: f64,
+}
+
+impl PrivacyPolicy {
+    /// The clip norm after a round that clipped `clipped` of its units:
+    /// `C·exp(−η·(unclipped − quantile))` (Andrew et al. 2021, geometric
+    /// update), within [10⁻³, 10³]. The clipped share comes from the noisy
+    /// secure sum, so following it costs nothing beyond the round.
+    pub fn next_clip(&self, clip: f32, clipped: f64) -> f32 {
+        let Some(quantile) = self.clip_quantile else {
+            return clip;
+        };
+        let unclipped = 1.0 - clipped;
+        let next = f64::from(clip) * (-self.clip_learning_rate * (unclipped - quantile)).exp();
+        next.clamp(1e-3, 1e3) as f32
+    }
+
+    /// What the sites' prior release costs each of their customers, once per lineage.
+    pub fn prior_step(&self) -> Option<Step> {
+        (self.prior_noise_multiplier > 0.0).then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+    }
 }
 
 impl Default for RoundConfig {
@@ -108,7 +138,7 @@ impl Default for RoundConfig {
             eval_timeout: Duration::from_secs(30),
             retry_delay: Duration::from_secs(5),
             cohort_wait: Duration::from_secs(2),
-            server_learning_rate: 1.0,
+            server_optimizer: ServerOptimizer::default(),
             settings: TrainSettings::default(),
             secure_aggregation: true,
             threshold: None,
@@ -181,6 +211,9 @@ pub enum CoordinatorEvent {
         round: RoundId,
         /// Its mechanism.
         step: Step,
+        /// The sites' release of their popularity prior, paid for with the
+        /// lineage's first private round.
+        prior: Option<Step>,
         /// ε of the lineage including this round.
         epsilon: f64,
     },
@@ -248,6 +281,14 @@ pub struct PrivacySummary {
     pub clip_norm: f32,
     /// The noisy number of units (customers, or sites) in the sum.
     pub units: f64,
+    /// The noisy share of units whose delta was clipped.
+    pub clipped_fraction: f64,
+    /// L2 norm of the mean update applied (noise included).
+    pub update_norm: f64,
+    /// Expected L2 norm of the noise in that mean update.
+    pub noise_norm: f64,
+    /// The clip norm the next round uses (moved by adaptive clipping).
+    pub next_clip_norm: f32,
 }
 
 /// The record of a completed round.
@@ -307,6 +348,9 @@ pub enum Violation {
     /// The evaluation counts are impossible.
     #[error("implausible evaluation counts")]
     BadEvaluation,
+    /// An update's weight is not in `(0, MAX_WEIGHT]`.
+    #[error("update weight {0} outside (0, {max}]", max = super::MAX_WEIGHT)]
+    BadWeight(f32),
     /// A plain update in a round that uses secure aggregation.
     #[error("plain update refused: this round uses secure aggregation")]
     PlainUpdate,
@@ -338,8 +382,11 @@ struct Training {
     deadline: Instant,
     bytes: u64,
     secagg: Option<Box<SecureRound>>,
-    /// The round's privacy, its ε after it, and the noisy unit count once unmasked.
-    privacy: Option<(RoundPrivacy, f64, f64)>,
+    /// The round's privacy, its ε after it, and what its unmasked sum said.
+    privacy: Option<(RoundPrivacy, f64, PrivateStats)>,
+    /// What `sum` and `loss_sum` are divided by at the end: the summed update
+    /// weights of a plain round, 1 once a secure sum is turned into a mean.
+    weight_sum: f64,
     /// Set when the round audits a version instead of training.
     audit: Option<AuditRun>,
 }
@@ -376,9 +423,19 @@ impl Training {
                 })
             }),
             privacy: None,
+            weight_sum: 0.0,
             audit: None,
         }
     }
+}
+
+/// What a private round's unmasked sum says besides the mean update.
+#[derive(Debug, Clone, Copy, Default)]
+struct PrivateStats {
+    units: f64,
+    clipped_fraction: f64,
+    update_norm: f64,
+    noise_norm: f64,
 }
 
 /// What an audit round needs at its end.
@@ -425,12 +482,16 @@ pub struct Coordinator {
     gather_until: Option<Instant>,
     certs: std::collections::BTreeMap<SiteId, Vec<u8>>,
     spent: Accountant,
+    /// The lineage's ledger has paid for the sites' prior release.
+    prior_charged: bool,
     /// No new round opens while paused (an operator's stop, or outside the schedule).
     paused: bool,
     /// A rollback waiting for the current round to end: the version and its parameters.
     rollback: Option<(ModelVersion, Vec<f32>)>,
     /// The version sites serve, if any.
     released: Option<Arc<GlobalModel>>,
+    /// The server optimizer's moments after the current version's step.
+    optimizer: OptimizerState,
     /// The current version needs an audit before it can be released.
     audit_due: bool,
     /// Audits of the current version abandoned so far.
@@ -458,8 +519,10 @@ impl Coordinator {
             gather_until: None,
             certs: std::collections::BTreeMap::new(),
             spent: Accountant::default(),
+            prior_charged: false,
             paused: false,
             rollback: None,
+            optimizer: OptimizerState::default(),
             audit_due: false,
             audit_attempts: 0,
             transmits: VecDeque::new(),
@@ -499,7 +562,27 @@ impl Coordinator {
         self
     }
 
+    /// Whether the lineage's durable ledger already paid for the sites'
+    /// prior release.
+    pub fn with_prior_charged(mut self, charged: bool) -> Self {
+        self.prior_charged = charged;
+        self
+    }
+
+    /// The server optimizer's moments as committed with the current version
+    /// (from durable state).
+    pub fn with_optimizer(mut self, state: OptimizerState) -> Self {
+        self.optimizer = state;
+        self
+    }
+
     // ---- getters ----
+
+    /// The server optimizer's moments after the current version's step: the
+    /// driver commits them with the version ([`CoordinatorEvent::ModelCommitted`]).
+    pub fn optimizer_state(&self) -> &OptimizerState {
+        &self.optimizer
+    }
 
     /// The version sites serve, if any.
     pub fn released(&self) -> Option<&Arc<GlobalModel>> {
@@ -697,6 +780,18 @@ impl Coordinator {
         }
     }
 
+    /// The training settings sent with a round, its scope resolved.
+    fn round_settings(&self) -> TrainSettings {
+        let mut settings = self.config.settings.clone();
+        settings.scope = settings.scope.resolve(self.config.privacy.is_some());
+        settings
+    }
+
+    /// The flat range of the parameters rounds train.
+    fn trainable(&self) -> std::ops::Range<usize> {
+        self.model.spec.trainable(self.round_settings().scope)
+    }
+
     fn send(&mut self, to: SiteId, message: Arc<CoordinatorMessage>) {
         self.transmits.push_back(Transmit { to, message });
     }
@@ -716,7 +811,7 @@ impl Coordinator {
         wire_len: usize,
     ) -> Result<(), Violation> {
         let version = self.model.version;
-        let expected_len = self.model.params.len();
+        let expected_len = self.trainable().len();
         let Phase::Training(t) = &mut self.phase else {
             return Ok(()); // a straggler after the round closed: ignore
         };
@@ -736,14 +831,19 @@ impl Coordinator {
             });
         }
         check_vector(&update.delta, expected_len)?;
+        if !(update.weight > 0.0 && update.weight <= super::MAX_WEIGHT) {
+            return Err(Violation::BadWeight(update.weight));
+        }
         t.pending.remove(site);
         t.contributors.push(site.clone());
+        let weight = f64::from(update.weight);
         for (acc, v) in t.sum.iter_mut().zip(&update.delta) {
-            *acc += f64::from(*v);
+            *acc += weight * f64::from(*v);
         }
         t.received += 1;
+        t.weight_sum += weight;
         t.loss_sum += if update.train_loss.is_finite() {
-            f64::from(update.train_loss)
+            weight * f64::from(update.train_loss)
         } else {
             0.0
         };
@@ -863,17 +963,29 @@ impl Coordinator {
                 t.received = contributors.len();
                 t.dropped = t.cohort.len() - contributors.len();
                 t.contributors = contributors;
-                if let Some((privacy, _, units)) = &mut t.privacy {
+                if let Some((privacy, _, stats)) = &mut t.privacy {
                     // The average is over the noisy number of customers; no loss is revealed.
-                    let (mean, count) = privacy.mean_update(sum);
-                    t.sum = mean;
-                    *units = count;
+                    let private = privacy.mean_update(sum);
+                    let threshold = secure.server.threshold();
+                    *stats = PrivateStats {
+                        units: private.count,
+                        clipped_fraction: private.clipped_fraction(),
+                        update_norm: private.mean.iter().map(|v| v * v).sum::<f64>().sqrt(),
+                        noise_norm: privacy.noise_sd_of_mean(threshold, private.count)
+                            * (private.mean.len() as f64).sqrt(),
+                    };
+                    if let Some(policy) = &self.config.privacy {
+                        self.optimizer.clip_norm =
+                            Some(policy.next_clip(privacy.clip_norm, private.clipped_fraction()));
+                    }
+                    t.sum = private.mean;
                     t.loss_sum = f64::NAN;
                 } else {
-                    let (delta, loss) = split_aggregate(sum);
+                    let (delta, loss) = split_aggregate(sum, self.config.settings.clip_norm);
                     t.sum = delta;
                     t.loss_sum = loss;
                 }
+                t.weight_sum = 1.0;
                 self.close_training(now);
             }
             Some(Outcome::Aborted { reason }) => {
@@ -901,8 +1013,14 @@ impl Coordinator {
             .config
             .threshold
             .unwrap_or_else(|| Setup::default_threshold(n));
-        // The model's parameters, then the loss (plain) or the unit count (private).
-        let length = self.model.params.len() + 1;
+        // The trained parameters, then the unit count (private) or the loss
+        // and the weight (plain).
+        let extra = if self.config.privacy.is_some() {
+            PRIVATE_EXTRA
+        } else {
+            2
+        };
+        let length = self.trainable().len() + extra;
         let (encoding, privacy) = match &self.config.privacy {
             Some(p) => {
                 let lineage = &p.lineage;
@@ -911,7 +1029,7 @@ impl Coordinator {
                     p.unit,
                     p.unit.sampling_rate(p.sampling_rate),
                     p.noise_multiplier,
-                    p.clip_norm,
+                    self.optimizer.clip_norm.unwrap_or(p.clip_norm),
                     p.delta,
                     length,
                     n,
@@ -919,12 +1037,17 @@ impl Coordinator {
                     self.config.modulus_bits,
                 )
                 .map_err(|e| format!("round {round}: {e}"))?;
+                let privacy = RoundPrivacy {
+                    prior_noise_multiplier: p.prior_noise_multiplier,
+                    ..privacy
+                };
                 (encoding, Some(privacy))
             }
             None => {
                 let settings = &self.config.settings;
-                // Clipped coordinates are within the clip norm; noise adds at most a few standard deviations.
-                let bound = settings.clip_norm + 6.0 * settings.noise_std;
+                // Clipped coordinates are within the clip norm, noise adds at
+                // most a few standard deviations, and the weight multiplies both.
+                let bound = (settings.clip_norm + 6.0 * settings.noise_std) * super::MAX_WEIGHT;
                 let encoding =
                     Encoding::new(self.config.modulus_bits, bound, n).map_err(|e| e.to_string())?;
                 (encoding, None)
@@ -945,8 +1068,13 @@ impl Coordinator {
     fn charge(&mut self, round: RoundId, setup: &Setup, privacy: &RoundPrivacy) -> Option<f64> {
         let policy = self.config.privacy.as_ref()?;
         let step = privacy.step(setup.cohort.len(), setup.threshold, setup.length);
+        let prior = policy.prior_step().filter(|_| !self.prior_charged);
+        let with_prior = match &prior {
+            Some(prior) => self.spent.after(prior, 1),
+            None => self.spent.clone(),
+        };
         let spent = self.spent.epsilon(policy.delta).epsilon;
-        let next = self.spent.after(&step, 1).epsilon(policy.delta).epsilon;
+        let next = with_prior.after(&step, 1).epsilon(policy.delta).epsilon;
         // Keep room for auditing the last version: the audit adds at least
         // this much noise (the sites round its variance up).
         let reserve = self
@@ -956,7 +1084,7 @@ impl Coordinator {
             .map(|a| Step::gaussian(1.0, a.noise_multiplier));
         let next_with_audit = match &reserve {
             Some(audit) => {
-                self.spent
+                with_prior
                     .after(&step, 1)
                     .after(audit, 1)
                     .epsilon(policy.delta)
@@ -984,10 +1112,12 @@ impl Coordinator {
             }
             return None;
         }
-        self.spent.compose(&step, 1);
+        self.spent = with_prior.after(&step, 1);
+        self.prior_charged |= prior.is_some();
         self.events.push_back(CoordinatorEvent::PrivacySpent {
             round,
             step,
+            prior,
             epsilon: next,
         });
         Some(next)
@@ -1028,6 +1158,8 @@ impl Coordinator {
         });
         self.model = model.clone();
         self.audit_attempts = 0;
+        // Momentum from the abandoned line of versions does not carry over.
+        self.optimizer = OptimizerState::default();
         self.events.push_back(CoordinatorEvent::ModelRolledBack {
             from,
             model: model.clone(),
@@ -1116,7 +1248,7 @@ impl Coordinator {
             round,
             model_version: self.model.version,
             spec_hash: self.spec_hash,
-            settings: self.config.settings.clone(),
+            settings: self.round_settings(),
             secagg: setup,
             privacy: privacy.as_ref().map(|(p, _)| p.clone()),
             audit: None,
@@ -1138,9 +1270,9 @@ impl Coordinator {
         };
         let mut training = Training::new(round, cohort, server, now, now + timeout);
         if training.secagg.is_none() {
-            training.sum = vec![0.0; self.model.params.len()];
+            training.sum = vec![0.0; self.trainable().len()];
         }
-        training.privacy = privacy.map(|(p, epsilon)| (p, epsilon, 0.0));
+        training.privacy = privacy.map(|(p, epsilon)| (p, epsilon, PrivateStats::default()));
         self.phase = Phase::Training(training);
         self.drive_secagg(now);
     }
@@ -1166,20 +1298,15 @@ impl Coordinator {
             Some(secure) => (true, secure.phases),
             None => (false, Vec::new()),
         };
-        // A private sum is already averaged over its (noisy) number of customers.
-        let divisor = if t.privacy.is_some() {
-            1.0
-        } else {
-            t.received as f64
-        };
-        let step = f64::from(self.config.server_learning_rate) / divisor;
-        let params = self
-            .model
-            .params
-            .iter()
-            .zip(&t.sum)
-            .map(|(p, s)| (f64::from(*p) + step * s) as f32)
-            .collect();
+        // A secure sum is already a mean (over the noisy number of customers,
+        // or the summed weights); a plain one is divided by its weights here.
+        let divisor = if t.weight_sum > 0.0 { t.weight_sum } else { 1.0 };
+        let mean: Vec<f64> = t.sum.iter().map(|s| s / divisor).collect();
+        let mut params = self.model.params.clone();
+        let range = self.trainable();
+        self.config
+            .server_optimizer
+            .step(&mut self.optimizer, &mut params[range], &mean);
         let model = Arc::new(GlobalModel {
             version: self.model.version.next(),
             spec: self.model.spec.clone(),
@@ -1201,20 +1328,24 @@ impl Coordinator {
                 cohort: t.cohort.into_iter().collect(),
                 contributors: t.contributors,
                 dropped,
-                train_loss: t.loss_sum / t.received as f64,
+                train_loss: t.loss_sum / divisor,
                 eval: EvalCounts::default(),
                 eval_sites: 0,
                 duration: Duration::ZERO,
                 bytes_received: t.bytes,
                 secure_aggregation,
                 phase_seconds,
-                privacy: t.privacy.map(|(p, epsilon, units)| PrivacySummary {
+                privacy: t.privacy.map(|(p, epsilon, stats)| PrivacySummary {
                     epsilon,
                     delta: p.delta,
                     noise_multiplier: p.noise_multiplier,
                     sampling_rate: p.sampling_rate,
                     clip_norm: p.clip_norm,
-                    units,
+                    units: stats.units,
+                    clipped_fraction: stats.clipped_fraction,
+                    update_norm: stats.update_norm,
+                    noise_norm: stats.noise_norm,
+                    next_clip_norm: self.optimizer.clip_norm.unwrap_or(p.clip_norm),
                 }),
             },
             opened: t.opened,
@@ -1355,6 +1486,7 @@ impl Coordinator {
         self.events.push_back(CoordinatorEvent::PrivacySpent {
             round,
             step,
+            prior: None,
             epsilon,
         });
         let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(RoundTask {
@@ -1378,7 +1510,7 @@ impl Coordinator {
         self.audit_due = false;
         let deadline = now + self.config.secagg_phase_timeout;
         let mut training = Training::new(round, cohort, Some(server), now, deadline);
-        training.privacy = Some((privacy, epsilon, 0.0));
+        training.privacy = Some((privacy, epsilon, PrivateStats::default()));
         training.audit = Some(AuditRun { spec, ..run });
         self.phase = Phase::Training(training);
         self.drive_secagg(now);

@@ -23,12 +23,14 @@
 //! Evaluating (sites report counts for the new version) → Idle.
 
 mod coordinator;
+mod optimizer;
 mod site;
 
 pub use coordinator::{
     AuditOutcome, AuditPolicy, Coordinator, CoordinatorEvent, PrivacyPolicy, PrivacySummary,
     RoundConfig, RoundSummary, Transmit, Violation, cohort,
 };
+pub use optimizer::{OptimizerError, OptimizerKind, OptimizerState, ServerOptimizer};
 pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step};
 
 /// A site's training loss travels as one extra coordinate of the securely
@@ -36,21 +38,43 @@ pub use site::{SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy
 /// stays within the encoding's coordinate bound.
 pub const LOSS_SCALE: f32 = 16.0;
 
-/// The vector a site contributes to secure aggregation: its update, then its loss.
-pub fn aggregate_vector(mut delta: Vec<f32>, train_loss: f32) -> Vec<f32> {
+/// Customers per unit of an update's weight: a site's update counts in the
+/// average as its customers do (FedAvg), and the weight travels inside the
+/// secure sum, so no site's size is revealed.
+pub const WEIGHT_UNIT: f32 = 100.0;
+
+/// The largest weight one update may carry (10⁵ customers): it bounds the
+/// coordinates of a weighted update, which the encoding must hold.
+pub const MAX_WEIGHT: f32 = 1000.0;
+
+/// An update's weight for `customers` customers, within `(0, MAX_WEIGHT]`.
+pub fn update_weight(customers: usize) -> f32 {
+    (customers.max(1) as f32 / WEIGHT_UNIT).min(MAX_WEIGHT)
+}
+
+/// The vector a site contributes to a secure sum without DP: its update and
+/// its loss, both times its weight, then the weight times `unit` (the clip
+/// norm: the weight then has the precision of the update's coordinates).
+pub fn aggregate_vector(mut delta: Vec<f32>, train_loss: f32, weight: f32, unit: f32) -> Vec<f32> {
     let loss = if train_loss.is_finite() {
         train_loss / LOSS_SCALE
     } else {
         0.0
     };
     delta.push(loss);
+    delta.iter_mut().for_each(|v| *v *= weight);
+    delta.push(weight * unit);
     delta
 }
 
-/// Split a securely aggregated sum into the update sum and the loss sum.
-pub fn split_aggregate(mut sum: Vec<f64>) -> (Vec<f64>, f64) {
+/// Split a securely aggregated sum (of [`aggregate_vector`]s with the same
+/// `unit`) into the weighted mean update and the weighted mean loss.
+pub fn split_aggregate(mut sum: Vec<f64>, unit: f32) -> (Vec<f64>, f64) {
+    let weight = sum.pop().unwrap_or(0.0) / f64::from(unit);
     let loss = sum.pop().unwrap_or(0.0) * f64::from(LOSS_SCALE);
-    (sum, loss)
+    let divisor = if weight > 0.0 { weight } else { 1.0 };
+    sum.iter_mut().for_each(|v| *v /= divisor);
+    (sum, loss / divisor)
 }
 
 #[cfg(test)]

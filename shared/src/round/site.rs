@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use rand::CryptoRng;
 
-use super::aggregate_vector;
+use super::{aggregate_vector, update_weight};
 use crate::dp::{self, Contribution, Step};
 use crate::ids::{ModelVersion, RoundId};
 use crate::model::GlobalModel;
@@ -166,17 +166,19 @@ impl SiteSession {
             .push_back(SiteMessage::Declined { round, reason });
     }
 
-    /// Local training for `task` produced `delta` (new minus global parameters).
+    /// Local training for `task` produced `delta` (new minus global values of
+    /// the round's trainable parameters) from `customers` customers.
     ///
     /// Clips the delta to the round's L2 bound and adds the round's Gaussian
-    /// noise; then, in a secure round, encodes it (with the loss) as this site's
-    /// masked input, else queues it as a plain update. Nothing is sent if the
-    /// round was abandoned meanwhile.
+    /// noise; then, in a secure round, encodes it (with the loss and the
+    /// site's weight) as this site's masked input, else queues it as a plain
+    /// update. Nothing is sent if the round was abandoned meanwhile.
     pub fn handle_trained<R: CryptoRng + ?Sized>(
         &mut self,
         task: &RoundTask,
         mut delta: Vec<f32>,
         train_loss: f32,
+        customers: usize,
         rng: &mut R,
     ) {
         if self.round != Some(task.round) {
@@ -185,18 +187,23 @@ impl SiteSession {
         self.round = None;
         dp::clip_l2(&mut delta, task.settings.clip_norm);
         dp::add_gaussian_noise(&mut delta, task.settings.noise_std, rng);
+        let weight = update_weight(customers);
         let Some(setup) = &task.secagg else {
             self.transmits.push_back(SiteMessage::Update(SiteUpdate {
                 round: task.round,
                 model_version: task.model_version,
                 delta,
                 train_loss,
+                weight,
             }));
             return;
         };
         let encoded = setup
             .encoding
-            .encode(&aggregate_vector(delta, train_loss), rng);
+            .encode(
+                &aggregate_vector(delta, train_loss, weight, task.settings.clip_norm),
+                rng,
+            );
         let result = match self.secagg.as_mut().filter(|c| c.round() == task.round) {
             Some(client) => client.handle_input(encoded).map_err(|e| e.to_string()),
             None => Err("secure aggregation for this round was aborted".to_string()),
@@ -377,6 +384,12 @@ impl SiteSession {
                 return;
             }
         }
+        if task.audit.is_none()
+            && let Err(reason) = check_training_shape(&task, &model)
+        {
+            self.decline(task.round, reason);
+            return;
+        }
         if let Some(privacy) = &task.privacy {
             let checked = match &task.secagg {
                 Some(setup) => privacy.check(setup.length).map_err(|e| e.to_string()),
@@ -399,6 +412,30 @@ impl SiteSession {
             Some(_) => SiteEvent::AuditRequested { task, model },
             None => SiteEvent::TrainRequested { task, model },
         });
+    }
+}
+
+/// A training round must name a resolved scope, and a secure one sum vectors
+/// of that scope's length plus its extra coordinates (the count in a private
+/// round and its unclipped flag; the loss and the weight otherwise).
+fn check_training_shape(task: &RoundTask, model: &GlobalModel) -> Result<(), String> {
+    if task.settings.scope == crate::model::TrainScope::Auto {
+        return Err("the round does not say which parameters to train".into());
+    }
+    let trained = model.spec.trainable(task.settings.scope).len();
+    let extra = if task.privacy.is_some() {
+        crate::dp::distributed::PRIVATE_EXTRA
+    } else {
+        2
+    };
+    match &task.secagg {
+        Some(setup) if setup.length != trained + extra => Err(format!(
+            "secure sum of {} values, but training {:?} gives {}",
+            setup.length,
+            task.settings.scope,
+            trained + extra
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -29,6 +29,8 @@ enum Behaviour {
 struct Harness {
     /// Whether group "b" gets no hits in audits (a biased model).
     biased: bool,
+    /// Customers behind each site's plain update (100 unless set).
+    customers: BTreeMap<SiteId, usize>,
     /// The model version each site serves.
     serving: BTreeMap<SiteId, ModelVersion>,
     now: Instant,
@@ -64,6 +66,7 @@ impl Harness {
         let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
         let mut h = Self {
             biased: false,
+            customers: BTreeMap::new(),
             serving: BTreeMap::new(),
             now: Instant::now(),
             coordinator: Coordinator::new(config, model, RoundId(1)),
@@ -151,6 +154,7 @@ impl Harness {
                                 model: MetricSums {
                                     hits: 5.0,
                                     ndcg: 2.5,
+                                    ..Default::default()
                                 },
                                 ..Default::default()
                             };
@@ -178,19 +182,22 @@ impl Harness {
                         SiteEvent::TrainRequested { task, model }
                             if *behaviour == Behaviour::Honest =>
                         {
-                            let delta = delta_of(&id, model.params.len());
+                            let trained = model.spec.trainable(task.settings.scope).len();
+                            let delta = delta_of(&id, trained);
                             match &task.privacy {
                                 // Ten customers, each with a small share of the site's delta.
                                 Some(privacy) => {
-                                    let mut contribution =
-                                        crate::dp::Contribution::new(model.params.len());
+                                    let mut contribution = crate::dp::Contribution::new(trained);
                                     for _ in 0..CUSTOMERS_PER_SITE {
                                         let share = delta.iter().map(|v| v * 1e-3).collect();
                                         contribution.add(privacy, share, &mut self.rng);
                                     }
                                     session.handle_contribution(&task, contribution, &mut self.rng);
                                 }
-                                None => session.handle_trained(&task, delta, 1.0, &mut self.rng),
+                                None => {
+                                    let customers = self.customers.get(&id).copied().unwrap_or(100);
+                                    session.handle_trained(&task, delta, 1.0, customers, &mut self.rng)
+                                }
                             }
                         }
                         _ => {}
@@ -384,6 +391,7 @@ fn protocol_violations_are_reported_not_applied() {
             model_version: ModelVersion(version),
             delta,
             train_loss: 0.0,
+            weight: 1.0,
         })
     };
     let now = h.now;
@@ -498,6 +506,7 @@ fn the_site_clips_and_noises_its_update() {
     let mut settings = RoundConfig::default().settings;
     settings.clip_norm = 1.0;
     settings.noise_std = 0.0;
+    settings.scope = crate::model::TrainScope::All;
     let task = crate::wire::RoundTask {
         round: RoundId(1),
         model_version: ModelVersion(0),
@@ -513,7 +522,7 @@ fn the_site_clips_and_noises_its_update() {
         &mut rng,
     )
     .unwrap();
-    s.handle_trained(&task, vec![10.0; spec.param_count()], 0.0, &mut rng);
+    s.handle_trained(&task, vec![10.0; spec.param_count()], 0.0, 100, &mut rng);
     let Some(SiteMessage::Update(update)) = s.poll_transmit() else {
         panic!("an update is queued")
     };
@@ -525,11 +534,13 @@ fn the_site_clips_and_noises_its_update() {
 #[test]
 fn secure_rounds_average_like_plain_rounds_and_survive_a_dropout() {
     let wait = Duration::from_secs(1);
-    let secure = RoundConfig {
+    let mut secure = RoundConfig {
         secure_aggregation: true,
         cohort_wait: wait,
         ..config(4, 1)
     };
+    // Unclipped, yet within what a weighted update's encoding keeps precise.
+    secure.settings.clip_norm = 1e3;
     let mut h = Harness::new(0, secure);
     for i in 0..5 {
         h.connect(
@@ -562,9 +573,8 @@ fn secure_rounds_average_like_plain_rounds_and_survive_a_dropout() {
         ]
     );
     // Deltas 1, 2, 3, 4 average to 2.5, up to one unit of the fixed-point scale
-    // (coarse here: the harness's clip bound is huge).
-    let settings = &config(4, 1).settings;
-    let scale = crate::secagg::Encoding::new(32, settings.clip_norm, 5)
+    // (coarse here: the harness's clip bound is large).
+    let scale = crate::secagg::Encoding::new(32, 1e3 * MAX_WEIGHT, 5)
         .unwrap()
         .scale;
     let start = ModelSpec::new(small_menu(4)).initial_params(1);
@@ -599,6 +609,7 @@ fn a_plain_update_in_a_secure_round_is_refused() {
         model_version: ModelVersion(0),
         delta: vec![0.0; len],
         train_loss: 0.0,
+        weight: 1.0,
     });
     assert_eq!(
         h.coordinator.handle_message(&site(0), update, 1, h.now),
@@ -640,6 +651,9 @@ fn private_config(target_epsilon: f64) -> RoundConfig {
             clip_norm: 1.0,
             target_epsilon,
             delta: 1e-6,
+            prior_noise_multiplier: 10.0,
+            clip_quantile: None,
+            clip_learning_rate: 0.2,
         }),
         ..RoundConfig::default()
     }
@@ -991,4 +1005,146 @@ fn audit_figures_carry_the_noise_the_report_states() {
     assert_ne!(a.customers.unwrap(), count);
     assert!(audits[0].epsilon > 0.0 && audits[0].epsilon < 10.0);
     h.advance(Duration::from_secs(1));
+}
+
+#[test]
+fn plain_updates_count_as_the_customers_behind_them() {
+    let mut h = Harness::new(0, config(3, 1));
+    // Site i's delta is i + 1; sites of 100, 100 and 800 customers.
+    for (i, customers) in [100, 100, 800].into_iter().enumerate() {
+        h.customers.insert(site(i), customers);
+    }
+    let start = h.coordinator.model().params.clone();
+    for i in 0..3 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    assert_eq!(h.completed().len(), 1);
+    // (1·100 + 2·100 + 3·800) / 1000 = 2.7, not the unweighted 2.
+    for (a, b) in start.iter().zip(&h.coordinator.model().params) {
+        assert!((b - a - 2.7).abs() < 1e-4, "{a} -> {b}");
+    }
+}
+
+#[test]
+fn securely_summed_plain_updates_are_weighted_inside_the_sum() {
+    let mut c = config(3, 1);
+    c.secure_aggregation = true;
+    // Large enough that no delta is clipped, small enough for the encoding's precision.
+    c.settings.clip_norm = 1e3;
+    let mut h = Harness::new(0, c);
+    for (i, customers) in [100, 100, 800].into_iter().enumerate() {
+        h.customers.insert(site(i), customers);
+    }
+    let start = h.coordinator.model().params.clone();
+    for i in 0..3 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    let done = h.completed();
+    assert_eq!(done.len(), 1);
+    assert!(done[0].secure_aggregation);
+    for (a, b) in start.iter().zip(&h.coordinator.model().params) {
+        assert!((b - a - 2.7).abs() < 1e-2, "{a} -> {b}");
+    }
+    assert!((done[0].train_loss - 1.0).abs() < 1e-2, "the weighted mean loss");
+}
+
+#[test]
+fn a_restored_server_optimizer_makes_the_uninterrupted_runs_next_step() {
+    let mut c = config(3, 3);
+    c.server_optimizer = ServerOptimizer {
+        kind: OptimizerKind::Adam,
+        learning_rate: 0.1,
+        ..ServerOptimizer::default()
+    };
+    let whole = Harness::new(3, c.clone());
+    assert_eq!(whole.completed().len(), 3);
+    // A run stopped after two rounds, its state as the driver commits it.
+    c.max_rounds = Some(2);
+    let first = Harness::new(3, c.clone());
+    let saved = crate::wire::codec::encode(first.coordinator.optimizer_state()).unwrap();
+    let model = GlobalModel::clone(first.coordinator.model());
+    c.max_rounds = Some(3);
+    let restart = |optimizer: OptimizerState| {
+        let coordinator = Coordinator::new(c.clone(), model.clone(), RoundId(3))
+            .with_completed(2)
+            .with_optimizer(optimizer);
+        let mut h = Harness::new(0, c.clone());
+        h.coordinator = coordinator;
+        for i in 0..3 {
+            h.connect(site(i), Behaviour::Honest);
+        }
+        h.coordinator.model().params.clone()
+    };
+    let resumed = restart(crate::wire::codec::decode(&saved).unwrap());
+    assert_eq!(resumed, whole.coordinator.model().params);
+    // Without the saved moments the step differs: the state matters.
+    assert_ne!(restart(OptimizerState::default()), resumed);
+}
+
+#[test]
+fn the_prior_release_is_charged_once_per_lineage_at_the_coordinator() {
+    let h = Harness::new(3, private_config(20.0));
+    let spent: Vec<(Option<crate::dp::Step>, f64)> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::PrivacySpent { prior, epsilon, .. } => Some((*prior, *epsilon)),
+            _ => None,
+        })
+        .collect();
+    assert!(spent.len() >= 2, "{spent:?}");
+    assert_eq!(
+        spent[0].0,
+        Some(crate::dp::Step::gaussian(1.0, 10.0)),
+        "the first private round pays for the prior"
+    );
+    assert!(spent[1..].iter().all(|(p, _)| p.is_none()));
+    // A coordinator restored with the prior paid does not charge it again.
+    let mut config = private_config(20.0);
+    config.max_rounds = Some(1);
+    let c = Coordinator::new(config, GlobalModel::clone(h.coordinator.model()), RoundId(50))
+        .with_prior_charged(true);
+    let mut again = Harness::new(0, RoundConfig::default());
+    again.coordinator = c;
+    for i in 0..3 {
+        again.connect(site(i), Behaviour::Honest);
+    }
+    assert!(again.events.iter().any(|e| matches!(
+        e,
+        CoordinatorEvent::PrivacySpent { prior: None, .. }
+    )));
+}
+
+#[test]
+fn adaptive_clipping_follows_the_target_quantile_of_update_norms() {
+    use crate::dp::distributed::PrivateMean;
+    // 600 customers whose update norms are spread evenly over (0, 2]: the
+    // median is 1. Each round goes through real contributions, noise, the
+    // modular sum and its decoding, as in a federation of three sites.
+    let mut policy = private_config(4.0).privacy.unwrap();
+    policy.clip_quantile = Some(0.5);
+    policy.clip_learning_rate = 0.3;
+    let norms: Vec<f32> = (1..=600).map(|i| i as f32 / 300.0).collect();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let mut clip = 0.1f32;
+    for _ in 0..80 {
+        let (privacy, encoding) = crate::dp::RoundPrivacy::plan(
+            "test", crate::dp::PrivacyUnit::Customer, 0.5, 1.0, clip, 1e-6, 12, 3, 3, 32,
+        )
+        .unwrap();
+        let mut sum = vec![0u32; 12];
+        for site in norms.chunks(200) {
+            let mut c = crate::dp::Contribution::new(10);
+            for &norm in site {
+                let delta = vec![norm / 10f32.sqrt(); 10];
+                c.add(&privacy, delta, &mut rng);
+            }
+            encoding.accumulate(&mut sum, &c.finish(&privacy, &encoding, &mut rng).unwrap());
+        }
+        let mean: PrivateMean = privacy.mean_update(encoding.decode_sum(&sum));
+        clip = policy.next_clip(clip, mean.clipped_fraction());
+    }
+    // The delta's share of the bound is C·√(7/8) (the count and the flag take the rest).
+    let delta_bound = clip * (7.0f32 / 8.0).sqrt();
+    assert!((delta_bound - 1.0).abs() < 0.1, "clip {clip}, delta bound {delta_bound}");
 }

@@ -123,6 +123,11 @@ impl Server {
         self.round
     }
 
+    /// Shares needed to unmask: the fewest sites whose noise the sum carries.
+    pub fn threshold(&self) -> usize {
+        self.setup.threshold
+    }
+
     /// The current phase's name, for logs and metrics.
     pub fn phase(&self) -> &'static str {
         self.phase.name()
