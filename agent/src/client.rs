@@ -630,7 +630,9 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
     }
     let release = PriorRelease {
         lineage: privacy.lineage.clone(),
-        counts: data.release_prior(privacy.prior_noise_multiplier, rng),
+        counts: data
+            .release_prior(privacy.prior_noise_multiplier, rng)
+            .map_err(|e| format!("cannot release the popularity prior: {e}"))?,
     };
     data.set_prior(SitePrior::from_counts(&release.counts));
     Ok(Some(release))
@@ -740,11 +742,7 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Sto
             .cmp(b.orders.iter().map(|o| (o.time, o.items.as_slice())))
     });
 
-    let mut data = SiteData::prepare(
-        &histories,
-        model.spec.menu.len(),
-        model.spec.history_decay,
-    );
+    let mut data = SiteData::prepare(&histories, model.spec.menu.len(), model.spec.history_decay);
     // Once a private lineage has released the prior, everything uses it, so
     // that training, evaluation and the till see the same inputs.
     if let Some(release) = store.prior_release()?

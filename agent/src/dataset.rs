@@ -95,19 +95,24 @@ impl SiteData {
     /// `noise_multiplier` on every item (the sensitivity is 1). Released once
     /// per lineage and charged to the ledger as a Gaussian mechanism over
     /// every customer ([`potluck_shared::dp::RoundPrivacy::prior_step`]).
+    ///
+    /// Fails, rather than release with less noise, on a noise multiplier that
+    /// is not a positive finite number.
     pub fn release_prior<R: rand::CryptoRng + ?Sized>(
         &self,
         noise_multiplier: f64,
         rng: &mut R,
-    ) -> Vec<f64> {
+    ) -> Result<Vec<f64>, rand_distr::NormalError> {
         use rand_distr::{Distribution, Normal};
-        let noise = Normal::new(0.0, noise_multiplier).unwrap_or_else(|_| {
-            Normal::new(0.0, 1.0).expect("a unit normal") // unreachable: checked at the round's start
-        });
-        self.customer_popularity
+        if !(noise_multiplier.is_finite() && noise_multiplier > 0.0) {
+            return Err(rand_distr::NormalError::BadVariance);
+        }
+        let noise = Normal::new(0.0, noise_multiplier)?;
+        Ok(self
+            .customer_popularity
             .iter()
             .map(|c| c + noise.sample(rng))
-            .collect()
+            .collect())
     }
 
     /// Give every example `prior` as the site's prior over its menu.

@@ -357,7 +357,10 @@ impl OrderFacts {
             for &item in &order.items {
                 let entry = items.entry(item).or_default();
                 entry.0 += 1;
-                *entry.1.entry(Daypart::of(order.hour).describe()).or_default() += 1;
+                *entry
+                    .1
+                    .entry(Daypart::of(order.hour).describe())
+                    .or_default() += 1;
             }
         }
         Self {

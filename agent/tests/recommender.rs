@@ -138,9 +138,8 @@ fn a_habit_stays_first_before_and_after_training_on_a_franchise_that_never_order
         .zip(&delta)
         .for_each(|(p, d)| *p += d);
     assert_ne!(trained.params, before.params, "training moved the model");
-    let next = Example::new(&habit, order(8, &[]).context(), 0.8, vec![]).with_prior(
-        &data.eval.last().unwrap().example.prior,
-    );
+    let next = Example::new(&habit, order(8, &[]).context(), 0.8, vec![])
+        .with_prior(&data.eval.last().unwrap().example.prior);
     for model in [&before, &trained] {
         assert_eq!(top(model, &[&next])[0][0], 0, "the habit comes first");
     }
@@ -178,9 +177,17 @@ fn training_evaluation_and_the_till_see_the_same_inputs() {
         let customer = store.customer("alice", &menu).unwrap().unwrap();
         let orders = &customer.history.orders;
         let last = orders.last().unwrap();
-        let rebuilt = Example::new(&orders[..orders.len() - 1], last.context(), 0.8, last.items.clone());
+        let rebuilt = Example::new(
+            &orders[..orders.len() - 1],
+            last.context(),
+            0.8,
+            last.items.clone(),
+        );
         assert_eq!(rebuilt.repeat, held_out.repeat);
-        assert_eq!((rebuilt.weekday, rebuilt.hour), (held_out.weekday, held_out.hour));
+        assert_eq!(
+            (rebuilt.weekday, rebuilt.hour),
+            (held_out.weekday, held_out.hour)
+        );
         assert_eq!(
             data.train.last().unwrap().repeat,
             Example::new(&orders[..2], orders[2].context(), 0.8, vec![]).repeat
@@ -198,8 +205,13 @@ fn training_evaluation_and_the_till_see_the_same_inputs() {
             },
         )
         .unwrap();
-        let expected = Example::new(orders, Context::at(last.time, customer.utc_offset), 0.8, vec![])
-            .with_prior(&held_out.prior);
+        let expected = Example::new(
+            orders,
+            Context::at(last.time, customer.utc_offset),
+            0.8,
+            vec![],
+        )
+        .with_prior(&held_out.prior);
         assert_eq!((expected.weekday, expected.hour), (last.weekday, last.hour));
         let ranked: Vec<String> = top(&model, &[&expected])[0]
             .iter()
@@ -225,7 +237,11 @@ fn a_customers_last_order_never_reaches_training_or_popularity() {
     let data = SiteData::prepare(&histories, menu.len(), 0.8);
     assert_eq!(data.eval.len(), 20);
     assert!(data.eval.iter().all(|c| c.example.target == vec![5]));
-    assert!(data.train.iter().all(|e| !e.target.contains(&5) && !e.has_ordered(5)));
+    assert!(
+        data.train
+            .iter()
+            .all(|e| !e.target.contains(&5) && !e.has_ordered(5))
+    );
     assert_eq!(data.popularity[5], 0, "held-out items are not counted");
     assert_eq!(data.customer_popularity[5], 0.0);
     assert_eq!(data.popularity[1], 20);

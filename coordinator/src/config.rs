@@ -194,7 +194,8 @@ impl Default for PrivacySection {
 impl PrivacySection {
     /// The sites' prior release, if private rounds use one.
     pub fn prior_step(&self) -> Option<Step> {
-        (self.prior_noise_multiplier > 0.0).then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+        (self.prior_noise_multiplier > 0.0)
+            .then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
     }
 
     /// The noise multiplier: as configured, or calibrated to the budget.
@@ -827,7 +828,7 @@ mod tests {
     #[test]
     fn bad_values_name_the_field() {
         let base = CoordinatorConfig::starter("pki", "127.0.0.1:7443".parse().unwrap());
-        let (_d, path) = write(&base.replace("clip_norm = 2.0", "clip_norm = -1.0"));
+        let (_d, path) = write(&base.replace("clip_norm = 10.0", "clip_norm = -1.0"));
         let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("training.clip_norm"), "{err}");
         let (_d, path) = write(&base.replace("min_sites = 3", "min_sits = 3"));

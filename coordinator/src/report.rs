@@ -49,12 +49,12 @@ pub struct RoundLine {
     pub eval_ndcg_at_10: Option<f64>,
     /// HR@10 of site popularity.
     pub baseline_popularity_hr_at_10: Option<f64>,
-    /// HR@10 of personal frequency.
+    /// HR@10 of GP-TopFreq.
     pub baseline_personal_hr_at_10: Option<f64>,
     /// NDCG@10 of site popularity.
     #[serde(default)]
     pub baseline_popularity_ndcg_at_10: Option<f64>,
-    /// NDCG@10 of personal frequency.
+    /// NDCG@10 of GP-TopFreq.
     #[serde(default)]
     pub baseline_personal_ndcg_at_10: Option<f64>,
     /// Held-out orders.
@@ -103,8 +103,12 @@ pub struct Comparison {
     pub federated_hr_at_10: Option<f64>,
     /// HR@10 of site popularity.
     pub popularity_hr_at_10: Option<f64>,
-    /// HR@10 of personal frequency.
+    /// HR@10 of GP-TopFreq (the customer's own most frequent items, then popular ones).
     pub personal_hr_at_10: Option<f64>,
+    /// The federated model's HR@10 on repeat items, then on new items.
+    pub federated_repeat_new: (Option<f64>, Option<f64>),
+    /// GP-TopFreq's HR@10 on repeat items, then on new items.
+    pub personal_repeat_new: (Option<f64>, Option<f64>),
     /// HR@10 of local-only models, over all sites' held-out orders.
     pub local_only_hr_at_10: Option<f64>,
     /// Per-site local-only results.
@@ -140,6 +144,14 @@ pub fn compare(rounds: &[RoundLine], local_only: Vec<LocalOnlyLine>) -> Comparis
         federated_hr_at_10: last.and_then(|r| r.eval_hr_at_10),
         popularity_hr_at_10: last.and_then(|r| r.baseline_popularity_hr_at_10),
         personal_hr_at_10: last.and_then(|r| r.baseline_personal_hr_at_10),
+        federated_repeat_new: (
+            last.and_then(|r| r.eval_repeat_hr_at_10),
+            last.and_then(|r| r.eval_new_hr_at_10),
+        ),
+        personal_repeat_new: (
+            last.and_then(|r| r.baseline_personal_repeat_hr_at_10),
+            last.and_then(|r| r.baseline_personal_new_hr_at_10),
+        ),
         local_only_hr_at_10: (cases > 0).then(|| hits / cases as f64),
         local_only,
     }
@@ -152,11 +164,11 @@ fn fmt(v: Option<f64>) -> String {
 /// The per-round table.
 pub fn table(rounds: &[RoundLine]) -> String {
     let mut out = String::from(
-        "round  model  sites    loss   HR@10  NDCG@10  popularity  personal  epsilon  seconds      kB\n",
+        "round  model  sites    loss   HR@10  NDCG@10  popularity  GP-TopFreq  epsilon  seconds      kB\n",
     );
     for r in rounds {
         out.push_str(&format!(
-            "{:5}  {:5}  {:5}  {}  {}   {}      {}    {}   {}  {:7.1}  {:6}\n",
+            "{:5}  {:5}  {:5}  {}  {}   {}      {}      {}   {}  {:7.1}  {:6}\n",
             r.round,
             r.model_version,
             r.participants,
@@ -175,10 +187,13 @@ pub fn table(rounds: &[RoundLine]) -> String {
 
 /// The comparison, readable.
 pub fn describe(c: &Comparison) -> String {
-    let mut out = String::from("HR@10 on every site's held-out last orders:\n");
+    let mut out =
+        String::from("HR@10 on every site's held-out last orders (repeat items / new items):\n");
     out.push_str(&format!(
-        "  federated model        {}\n",
-        fmt(c.federated_hr_at_10)
+        "  federated model        {}  ({} / {})\n",
+        fmt(c.federated_hr_at_10),
+        fmt(c.federated_repeat_new.0),
+        fmt(c.federated_repeat_new.1)
     ));
     out.push_str(&format!(
         "  local-only models      {}\n",
@@ -197,8 +212,10 @@ pub fn describe(c: &Comparison) -> String {
         fmt(c.popularity_hr_at_10)
     ));
     out.push_str(&format!(
-        "  personal frequency     {}\n",
-        fmt(c.personal_hr_at_10)
+        "  GP-TopFreq             {}  ({} / {})  the baseline to beat\n",
+        fmt(c.personal_hr_at_10),
+        fmt(c.personal_repeat_new.0),
+        fmt(c.personal_repeat_new.1)
     ));
     out
 }

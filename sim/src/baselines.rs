@@ -1,7 +1,7 @@
 //! Reference models trained after the federation, from the same initial
 //! model, with the same training settings and number of rounds, and scored on
 //! the same held-out orders (each site's stores, split by the agent's own
-//! protocol). Site popularity and personal frequency are scored by the sites
+//! protocol). Site popularity and GP-TopFreq are scored by the sites
 //! themselves during the rounds.
 
 use std::sync::Mutex;

@@ -198,7 +198,7 @@ pub enum Scheme {
 }
 
 /// Reference models trained in the same run on the same held-out orders
-/// (site popularity and personal frequency are always evaluated, at the sites).
+/// (site popularity and GP-TopFreq are always evaluated, at the sites).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Baselines {

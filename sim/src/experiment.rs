@@ -219,10 +219,13 @@ fn say(quiet: bool, text: &str) {
 /// The baselines the sites score alongside the model (site popularity and
 /// GP-TopFreq, as `personal`), from the final model's counts.
 fn site_baselines(counts: &potluck_shared::wire::EvalCounts) -> BTreeMap<String, Score> {
-    [("popularity", &counts.popularity), ("personal", &counts.personal)]
-        .into_iter()
-        .filter_map(|(name, sums)| Some((name.to_string(), Score::of_sums(counts, sums)?)))
-        .collect()
+    [
+        ("popularity", &counts.popularity),
+        ("personal", &counts.personal),
+    ]
+    .into_iter()
+    .filter_map(|(name, sums)| Some((name.to_string(), Score::of_sums(counts, sums)?)))
+    .collect()
 }
 
 fn summarise(

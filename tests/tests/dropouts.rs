@@ -48,7 +48,8 @@ async fn doomed_site(f: &Franchise, i: usize, addr: std::net::SocketAddr, death:
                     session.handle_evaluated(m.version, EvalCounts::default())
                 }
                 SiteEvent::TrainRequested { task, model } => {
-                    let nobody = potluck_shared::dp::Contribution::new(model.params.len());
+                    let trained = model.spec.trainable(task.settings.scope).len();
+                    let nobody = potluck_shared::dp::Contribution::new(trained);
                     session.handle_contribution(&task, nobody, &mut rand::rng());
                 }
                 _ => {}

@@ -227,13 +227,8 @@ fn act(site: &mut Site, event: SiteEvent, rng: &mut rand::rngs::StdRng) {
         SiteEvent::TrainRequested { task, model } => {
             let data = site_data(&site.store, &model).unwrap();
             let trained = train_site(&model, &data, &task.settings, 1).unwrap();
-            site.session.handle_trained(
-                &task,
-                trained.delta,
-                trained.loss,
-                trained.customers,
-                rng,
-            );
+            site.session
+                .handle_trained(&task, trained.delta, trained.loss, trained.customers, rng);
         }
         SiteEvent::AuditRequested { task, model } => {
             let data = site_data(&site.store, &model).unwrap();

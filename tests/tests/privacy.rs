@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use potluck_agent::store::SiteStore;
-use potluck_shared::dp::{Step, accountant};
+use potluck_shared::dp::{Accountant, Step};
 use potluck_tests::{Franchise, RunningAgents, RunningCoordinator, init_logging};
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -21,8 +21,15 @@ fn privacy(target: f64) -> String {
     )
 }
 
+/// The default noise multiplier of the sites' one-off prior release.
+const PRIOR: f64 = 10.0;
+
+/// ε after `rounds` rounds (at least one), the prior release paid with the first.
 fn epsilon_after(rounds: u64) -> f64 {
-    accountant::epsilon(&Step::gaussian(Q, Z), rounds, DELTA).epsilon
+    let mut spent = Accountant::default();
+    spent.compose(&Step::gaussian(Q, Z), rounds);
+    spent.compose(&Step::gaussian(1.0, PRIOR), 1);
+    spent.epsilon(DELTA).epsilon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,8 +96,8 @@ async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyh
         let store = SiteStore::open(&f.store_path(i)?)?;
         assert_eq!(
             store.ledger("default")?.entries.len(),
-            2,
-            "the refused round is not recorded"
+            3,
+            "two rounds and the prior release they paid for; the refused round is not recorded"
         );
     }
     Ok(())

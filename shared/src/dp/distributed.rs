@@ -245,7 +245,8 @@ impl RoundPrivacy {
     /// What this site's one-off release of its popularity prior costs each
     /// customer (see the agent's `dataset` module), if the round uses one.
     pub fn prior_step(&self) -> Option<Step> {
-        (self.prior_noise_multiplier > 0.0).then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+        (self.prior_noise_multiplier > 0.0)
+            .then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
     }
 
     /// The count coordinate's value per unit.
@@ -514,8 +515,15 @@ mod tests {
                 &site.finish(&privacy, &encoding, &mut rng).unwrap(),
             );
         }
-        let PrivateMean { mean, count, unclipped } = privacy.mean_update(encoding.decode_sum(&sum));
-        assert!((unclipped - 250.0).abs() < 10.0, "nothing was clipped: {unclipped}");
+        let PrivateMean {
+            mean,
+            count,
+            unclipped,
+        } = privacy.mean_update(encoding.decode_sum(&sum));
+        assert!(
+            (unclipped - 250.0).abs() < 10.0,
+            "nothing was clipped: {unclipped}"
+        );
         let sd_count = (5.0 * privacy.local_variance).sqrt()
             / privacy.scale
             / f64::from(privacy.count_weight());

@@ -467,13 +467,19 @@ mod tests {
         let sunday = 1_736_726_340;
         assert_eq!(Context::at(sunday, 0).weekday, 6);
         assert_eq!(
-            (Context::at(sunday, -5 * 3600).weekday, Context::at(sunday, -5 * 3600).hour),
+            (
+                Context::at(sunday, -5 * 3600).weekday,
+                Context::at(sunday, -5 * 3600).hour
+            ),
             (6, 18)
         );
         // A negative offset across midnight: 00:30 UTC Monday is Sunday 19:30 at -05:00.
         let monday = 1_736_123_400;
         assert_eq!(
-            (Context::at(monday, -5 * 3600).weekday, Context::at(monday, -5 * 3600).hour),
+            (
+                Context::at(monday, -5 * 3600).weekday,
+                Context::at(monday, -5 * 3600).hour
+            ),
             (6, 19)
         );
     }

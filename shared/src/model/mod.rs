@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use features::{
-    Context, DAYPARTS, Daypart, Example, OrderRecord, REPEAT_FEATURES, RepeatFeature, SitePrior, history_weights,
-    repeat_features, topfreq_order, training_examples,
+    Context, DAYPARTS, Daypart, Example, OrderRecord, REPEAT_FEATURES, RepeatFeature, SitePrior,
+    history_weights, repeat_features, topfreq_order, training_examples,
 };
 pub use menu::{Menu, MenuError, MenuItem};
 pub use recommender::{Batch, Recommender};

@@ -148,7 +148,10 @@ impl Recommender {
             offset += slot.len();
             (TensorData::new(values, slot.shape.clone()), !frozen)
         };
-        fn param<const D: usize>((data, grad): (TensorData, bool), device: &Device) -> Param<Tensor<D>> {
+        fn param<const D: usize>(
+            (data, grad): (TensorData, bool),
+            device: &Device,
+        ) -> Param<Tensor<D>> {
             Param::from_data(data, device).set_require_grad(grad)
         }
         Ok(Self {

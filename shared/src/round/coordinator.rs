@@ -123,7 +123,8 @@ impl PrivacyPolicy {
 
     /// What the sites' prior release costs each of their customers, once per lineage.
     pub fn prior_step(&self) -> Option<Step> {
-        (self.prior_noise_multiplier > 0.0).then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+        (self.prior_noise_multiplier > 0.0)
+            .then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
     }
 }
 
@@ -1300,7 +1301,11 @@ impl Coordinator {
         };
         // A secure sum is already a mean (over the noisy number of customers,
         // or the summed weights); a plain one is divided by its weights here.
-        let divisor = if t.weight_sum > 0.0 { t.weight_sum } else { 1.0 };
+        let divisor = if t.weight_sum > 0.0 {
+            t.weight_sum
+        } else {
+            1.0
+        };
         let mean: Vec<f64> = t.sum.iter().map(|s| s / divisor).collect();
         let mut params = self.model.params.clone();
         let range = self.trainable();

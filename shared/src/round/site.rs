@@ -198,12 +198,10 @@ impl SiteSession {
             }));
             return;
         };
-        let encoded = setup
-            .encoding
-            .encode(
-                &aggregate_vector(delta, train_loss, weight, task.settings.clip_norm),
-                rng,
-            );
+        let encoded = setup.encoding.encode(
+            &aggregate_vector(delta, train_loss, weight, task.settings.clip_norm),
+            rng,
+        );
         let result = match self.secagg.as_mut().filter(|c| c.round() == task.round) {
             Some(client) => client.handle_input(encoded).map_err(|e| e.to_string()),
             None => Err("secure aggregation for this round was aborted".to_string()),

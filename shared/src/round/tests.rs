@@ -196,7 +196,13 @@ impl Harness {
                                 }
                                 None => {
                                     let customers = self.customers.get(&id).copied().unwrap_or(100);
-                                    session.handle_trained(&task, delta, 1.0, customers, &mut self.rng)
+                                    session.handle_trained(
+                                        &task,
+                                        delta,
+                                        1.0,
+                                        customers,
+                                        &mut self.rng,
+                                    )
                                 }
                             }
                         }
@@ -1045,7 +1051,10 @@ fn securely_summed_plain_updates_are_weighted_inside_the_sum() {
     for (a, b) in start.iter().zip(&h.coordinator.model().params) {
         assert!((b - a - 2.7).abs() < 1e-2, "{a} -> {b}");
     }
-    assert!((done[0].train_loss - 1.0).abs() < 1e-2, "the weighted mean loss");
+    assert!(
+        (done[0].train_loss - 1.0).abs() < 1e-2,
+        "the weighted mean loss"
+    );
 }
 
 #[test]
@@ -1102,17 +1111,23 @@ fn the_prior_release_is_charged_once_per_lineage_at_the_coordinator() {
     // A coordinator restored with the prior paid does not charge it again.
     let mut config = private_config(20.0);
     config.max_rounds = Some(1);
-    let c = Coordinator::new(config, GlobalModel::clone(h.coordinator.model()), RoundId(50))
-        .with_prior_charged(true);
+    let c = Coordinator::new(
+        config,
+        GlobalModel::clone(h.coordinator.model()),
+        RoundId(50),
+    )
+    .with_prior_charged(true);
     let mut again = Harness::new(0, RoundConfig::default());
     again.coordinator = c;
     for i in 0..3 {
         again.connect(site(i), Behaviour::Honest);
     }
-    assert!(again.events.iter().any(|e| matches!(
-        e,
-        CoordinatorEvent::PrivacySpent { prior: None, .. }
-    )));
+    assert!(
+        again
+            .events
+            .iter()
+            .any(|e| matches!(e, CoordinatorEvent::PrivacySpent { prior: None, .. }))
+    );
 }
 
 #[test]
@@ -1129,7 +1144,16 @@ fn adaptive_clipping_follows_the_target_quantile_of_update_norms() {
     let mut clip = 0.1f32;
     for _ in 0..80 {
         let (privacy, encoding) = crate::dp::RoundPrivacy::plan(
-            "test", crate::dp::PrivacyUnit::Customer, 0.5, 1.0, clip, 1e-6, 12, 3, 3, 32,
+            "test",
+            crate::dp::PrivacyUnit::Customer,
+            0.5,
+            1.0,
+            clip,
+            1e-6,
+            12,
+            3,
+            3,
+            32,
         )
         .unwrap();
         let mut sum = vec![0u32; 12];
@@ -1146,5 +1170,8 @@ fn adaptive_clipping_follows_the_target_quantile_of_update_norms() {
     }
     // The delta's share of the bound is C·√(7/8) (the count and the flag take the rest).
     let delta_bound = clip * (7.0f32 / 8.0).sqrt();
-    assert!((delta_bound - 1.0).abs() < 0.1, "clip {clip}, delta bound {delta_bound}");
+    assert!(
+        (delta_bound - 1.0).abs() < 0.1,
+        "clip {clip}, delta bound {delta_bound}"
+    );
 }

@@ -279,7 +279,8 @@ impl EvalCounts {
                 .iter()
                 .all(|m| {
                     let [hits, ndcg, repeat_hits, repeat_ndcg, new_hits, new_ndcg] = m.values();
-                    let within = |v: f64, cases: u64| v.is_finite() && (0.0..=cases as f64).contains(&v);
+                    let within =
+                        |v: f64, cases: u64| v.is_finite() && (0.0..=cases as f64).contains(&v);
                     within(hits, self.cases)
                         && within(ndcg, self.cases)
                         && within(repeat_hits, self.repeat_cases)
