@@ -25,7 +25,7 @@ SIM=("$ROOT/scripts/simulate" --release)
 RUNS=("$OUT/noiseless/summary.json")
 if [ "$DP" = true ]; then
   "${SIM[@]}" "$ROOT/scripts/experiments/utility-dp.toml" --out "$OUT/private" --quiet >/dev/null
-  for s in "$OUT"/private/*/summary.json; do RUNS+=("$s"); done
+  while IFS= read -r s; do RUNS+=("$s"); done < <(ls "$OUT"/private/*/summary.json | sort -t= -k2 -g)
 fi
 python3 - "${RUNS[@]}" <<'PY'
 import json, sys
@@ -40,13 +40,13 @@ def f(v):
     return "  -   " if v is None else f"{v:.4f}"
 
 
-def row(name, s):
-    print(f"{name:<30} {f(s['hr_at_10'])}  {f(s['ndcg_at_10'])}  {f(s.get('repeat_hr_at_10'))}  "
+def row(name, s, start=initial):
+    print(f"{name:<32} {f(s['hr_at_10'])}  {f(s['ndcg_at_10'])}  {f(s.get('repeat_hr_at_10'))}  "
           f"{f(s.get('new_hr_at_10'))}  {s['hr_at_10'] - gp['hr_at_10']:+.4f}  "
-          f"{s['ndcg_at_10'] / gp['ndcg_at_10']:.3f}   {s['hr_at_10'] - initial['hr_at_10']:+.4f}")
+          f"{s['ndcg_at_10'] / gp['ndcg_at_10']:.3f}   {s['hr_at_10'] - start['hr_at_10']:+.4f}")
 
 
-print(f"{'model (last round)':<30} HR@10   NDCG@10 repeat  new     vs GP    NDCG/GP vs initial")
+print(f"{'model (last round)':<32} HR@10   NDCG@10 repeat  new     vs GP    NDCG/GP vs initial")
 names = {"personal": "gp-topfreq (baseline)", "popularity": "site popularity",
          "initial": "initial model", "local_only": "local-only (each site)",
          "centralised": "centralised (pooled)"}
@@ -55,11 +55,14 @@ for key, name in names.items():
         row(name, base[key])
 for r in runs:
     budget = r["config"]["coordinator"].get("privacy", {})
+    start = r["baselines"]["initial"]
     if r.get("epsilon") is None:
         label = "federated, no DP"
     else:
+        if r is runs[1]:
+            row("initial model, private prior", start)
         label = f"federated, eps {budget['target_epsilon']:g} (spent {r['epsilon']:.2f})"
-    row(label, r["last"])
+    row(label, r["last"], start)
 if "centralised" in base:
     ratio = runs[0]["last"]["hr_at_10"] / base["centralised"]["hr_at_10"]
     print(f"noiseless federated / centralised HR@10: {ratio:.3f}")
