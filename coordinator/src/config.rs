@@ -194,8 +194,7 @@ impl Default for PrivacySection {
 impl PrivacySection {
     /// The sites' prior release, if private rounds use one.
     pub fn prior_step(&self) -> Option<Step> {
-        (self.prior_noise_multiplier > 0.0)
-            .then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+        potluck_shared::dp::distributed::prior_step(self.prior_noise_multiplier)
     }
 
     /// The noise multiplier: as configured, or calibrated to the budget.

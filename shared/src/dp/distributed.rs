@@ -100,6 +100,21 @@ pub struct RoundPrivacy {
     pub prior_noise_multiplier: f64,
 }
 
+/// What a site's one-off release of its popularity prior with this noise
+/// multiplier costs each of its customers (every customer is in it, with
+/// sensitivity 1); `None` for 0, no release. The one definition the
+/// coordinator's calibration, its ledger and every site's ledger use.
+pub fn prior_step(noise_multiplier: f64) -> Option<Step> {
+    (noise_multiplier > 0.0).then(|| Step::gaussian(1.0, noise_multiplier))
+}
+
+/// Coordinates a site's vector has after its trained parameters: the count
+/// and the unclipped flag in a private round, the loss and the weight in a
+/// plain secure one.
+pub fn extra_coordinates(private: bool) -> usize {
+    if private { PRIVATE_EXTRA } else { 2 }
+}
+
 /// The smallest prior noise multiplier a site accepts: below it the one-off
 /// release would cost more than a whole run of rounds.
 pub const MIN_PRIOR_NOISE: f64 = 2.0;
@@ -245,8 +260,7 @@ impl RoundPrivacy {
     /// What this site's one-off release of its popularity prior costs each
     /// customer (see the agent's `dataset` module), if the round uses one.
     pub fn prior_step(&self) -> Option<Step> {
-        (self.prior_noise_multiplier > 0.0)
-            .then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+        prior_step(self.prior_noise_multiplier)
     }
 
     /// The count coordinate's value per unit.

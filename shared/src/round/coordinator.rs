@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::optimizer::{OptimizerState, ServerOptimizer};
 use super::split_aggregate;
-use crate::dp::distributed::PRIVATE_EXTRA;
+use crate::dp::distributed::extra_coordinates;
 use crate::dp::{Accountant, PrivacyUnit, RoundPrivacy, Step};
 use crate::fairness::{AuditSpec, FairnessReport, Gate};
 use crate::ids::{ModelVersion, RoundId, SiteId};
@@ -123,8 +123,7 @@ impl PrivacyPolicy {
 
     /// What the sites' prior release costs each of their customers, once per lineage.
     pub fn prior_step(&self) -> Option<Step> {
-        (self.prior_noise_multiplier > 0.0)
-            .then(|| Step::gaussian(1.0, self.prior_noise_multiplier))
+        crate::dp::distributed::prior_step(self.prior_noise_multiplier)
     }
 }
 
@@ -1016,12 +1015,7 @@ impl Coordinator {
             .unwrap_or_else(|| Setup::default_threshold(n));
         // The trained parameters, then the unit count (private) or the loss
         // and the weight (plain).
-        let extra = if self.config.privacy.is_some() {
-            PRIVATE_EXTRA
-        } else {
-            2
-        };
-        let length = self.trainable().len() + extra;
+        let length = self.trainable().len() + extra_coordinates(self.config.privacy.is_some());
         let (encoding, privacy) = match &self.config.privacy {
             Some(p) => {
                 let lineage = &p.lineage;

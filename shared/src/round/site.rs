@@ -421,11 +421,7 @@ fn check_training_shape(task: &RoundTask, model: &GlobalModel) -> Result<(), Str
         return Err("the round does not say which parameters to train".into());
     }
     let trained = model.spec.trainable(task.settings.scope).len();
-    let extra = if task.privacy.is_some() {
-        crate::dp::distributed::PRIVATE_EXTRA
-    } else {
-        2
-    };
+    let extra = crate::dp::distributed::extra_coordinates(task.privacy.is_some());
     match &task.secagg {
         Some(setup) if setup.length != trained + extra => Err(format!(
             "secure sum of {} values, but training {:?} gives {}",
