@@ -624,17 +624,23 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
         .store
         .with(|s| s.prior_release())
         .map_err(|e| e.to_string())?;
-    if let Some(stored) = stored.filter(|r| r.lineage == privacy.lineage) {
-        data.set_prior(SitePrior::from_counts(&stored.counts));
+    let menu_len = data.popularity.len();
+    if let Some(prior) = stored
+        .filter(|r| r.lineage == privacy.lineage)
+        .and_then(|r| SitePrior::from_release(&r.counts, menu_len))
+    {
+        data.set_prior(prior);
         return Ok(None);
     }
     let release = PriorRelease {
         lineage: privacy.lineage.clone(),
         counts: data
             .release_prior(privacy.prior_noise_multiplier, rng)
-            .map_err(|e| format!("cannot release the popularity prior: {e}"))?,
+            .map_err(|e| format!("cannot release the site prior: {e}"))?,
     };
-    data.set_prior(SitePrior::from_counts(&release.counts));
+    let prior = SitePrior::from_release(&release.counts, menu_len)
+        .ok_or("the site prior's release does not fit the menu")?;
+    data.set_prior(prior);
     Ok(Some(release))
 }
 
@@ -745,10 +751,11 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Sto
     let mut data = SiteData::prepare(&histories, model.spec.menu.len(), model.spec.history_decay);
     // Once a private lineage has released the prior, everything uses it, so
     // that training, evaluation and the till see the same inputs.
-    if let Some(release) = store.prior_release()?
-        && release.counts.len() == model.spec.menu.len()
+    if let Some(prior) = store
+        .prior_release()?
+        .and_then(|r| SitePrior::from_release(&r.counts, model.spec.menu.len()))
     {
-        data.set_prior(SitePrior::from_counts(&release.counts));
+        data.set_prior(prior);
     }
     Ok(data)
 }

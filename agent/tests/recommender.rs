@@ -244,6 +244,16 @@ fn a_customers_last_order_never_reaches_training_or_popularity() {
     );
     assert_eq!(data.popularity[5], 0, "held-out items are not counted");
     assert_eq!(data.customer_popularity[5], 0.0);
+    let m = menu.len();
+    for i in 0..m {
+        assert_eq!(data.pair_counts[i * m + 5], 0, "nor neighbour pairs");
+        assert_eq!(data.customer_pairs[i * m + 5], 0.0);
+    }
+    assert_eq!(
+        data.pair_counts[m + 2],
+        20,
+        "item 1, then item 2 for the first time"
+    );
     assert_eq!(data.popularity[1], 20);
     // The prior the model sees ranks item 5 with the never-ordered items.
     let prior = &data.train[0].prior.log_share;

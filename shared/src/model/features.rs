@@ -14,9 +14,11 @@
 //! Both are functions of the customer's own orders and the time of the order
 //! being predicted: there are no per-customer parameters, so a new customer is
 //! served from their first order and erasing a customer is deleting their rows.
-//! Nothing else at the site (other customers' orders, site popularity) enters,
-//! so one customer's data moves only that customer's contribution, which is
-//! what the customer-level sensitivity bound rests on.
+//! The only input computed from other customers' orders is the [`SitePrior`]
+//! (the site's popularity and item neighbours); in private rounds it is itself
+//! a differentially private release, charged once, so one customer's data
+//! still moves only that customer's contribution, which is what the
+//! customer-level sensitivity bound rests on.
 
 use std::collections::BTreeMap;
 
@@ -166,30 +168,183 @@ pub enum RepeatFeature {
 /// Length of a repeat feature vector.
 pub const REPEAT_FEATURES: usize = 12;
 
-/// What the site knows about its menu as a whole: each item's log share of
-/// the site's orders, `ln((c_i + 1) / (Σc + m))` for counts `c` (smoothed,
-/// so every value is negative). It ranks items never ordered by a customer
-/// as the site's popularity does; in private rounds the counts are a
-/// differentially private release (see the agent's `dataset` module), since
-/// every customer's orders are in them.
+/// What the site knows about its menu as a whole, from all its customers:
+/// - each item's log share of the site's orders, `ln((c_i + 1) / (Σc + m))`
+///   for counts `c` (smoothed, so every value is negative), which ranks items
+///   a customer never ordered as the site's popularity does;
+/// - optionally, *neighbours*: for each item `i`, a distribution over the
+///   menu of the items customers who had ordered `i` went on to order for the
+///   first time ("who had the burger later tried the shake"), the statistic
+///   item-based next-basket models (TIFU-KNN) are built on.
+///
+/// In private rounds both come from one differentially private release (see
+/// the agent's `dataset` module), since every customer's orders are in them;
+/// what is built here from a release is post-processing and costs nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SitePrior {
     /// Per menu item; empty when the site has none (every item then ties).
     pub log_share: Vec<f32>,
+    /// Row-major `[m, m]`: row `i` is the distribution of new items after
+    /// `i`; empty when the site has none (the neighbour input is then 0).
+    pub neighbours: Vec<f32>,
+    /// The released pair values the rows were built from, and each row's
+    /// normaliser: what leaving one customer out needs.
+    pairs: Vec<f32>,
+    row_total: Vec<f32>,
+}
+
+/// One customer's part in the neighbour statistic: the pairs they added to
+/// ([`first_order_pairs`]) and by how much each. A training example carries
+/// it so that its neighbour input leaves that customer out: otherwise the
+/// items a customer went on to try would be in the input that is trained to
+/// predict them, and the model would learn to trust the statistic more than
+/// it deserves on customers it has not seen.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OwnPairs {
+    /// Sorted (earlier item, new item) pairs.
+    pub pairs: Vec<(u32, u32)>,
+    /// What the customer added to each pair's value.
+    pub weight: f32,
 }
 
 impl SitePrior {
     /// The prior of per-item counts (any non-negative values).
     pub fn from_counts(counts: &[f64]) -> Self {
-        let m = counts.len() as f64;
-        let total: f64 = counts.iter().map(|c| c.max(0.0)).sum();
         Self {
-            log_share: counts
-                .iter()
-                .map(|c| ((c.max(0.0) + 1.0) / (total + m)).ln() as f32)
-                .collect(),
+            log_share: log_shares(counts),
+            ..Self::default()
         }
     }
+
+    /// The prior of a release laid out as [`prior_release_len`] says: `m`
+    /// item counts, then (optionally) `m²` pair counts, row `i` counting the
+    /// customers who ordered item `j` for the first time after `i`. `None`
+    /// when the length is neither `m` nor `m + m²`.
+    ///
+    /// Pair counts may be noisy, so each row is shrunk towards the site's
+    /// shares by as much mass as the row's noise is estimated to hold: for a
+    /// cell with no signal, noise is as likely negative as positive, so the
+    /// mass below zero estimates the mass of noise above it.
+    pub fn from_release(values: &[f64], m: usize) -> Option<Self> {
+        let (counts, pairs) = match values.len() {
+            n if n == m => (values, &[][..]),
+            n if n == prior_release_len(m) => values.split_at(m),
+            _ => return None,
+        };
+        let mut prior = Self::from_counts(counts);
+        if !pairs.is_empty() {
+            let share: Vec<f64> = prior
+                .log_share
+                .iter()
+                .map(|l| f64::from(*l).exp())
+                .collect();
+            for row in pairs.chunks(m) {
+                let (values, total) = neighbour_row(row, &share);
+                prior.neighbours.extend(values);
+                prior.row_total.push(total);
+            }
+            prior.pairs = pairs.iter().map(|&c| c as f32).collect();
+        }
+        Some(prior)
+    }
+
+    /// The neighbour input of a pooled history (weights summing to 1): item
+    /// `j`'s log probability under the mixture of its history items' rows,
+    /// written into `out` (length `m`); zeros when the prior has no
+    /// neighbours. With `own`, the rows are those the statistic would have
+    /// without that customer.
+    pub fn neighbour_scores(
+        &self,
+        history: &[(u32, f32)],
+        own: Option<&OwnPairs>,
+        out: &mut [f32],
+    ) {
+        let m = out.len();
+        out.fill(0.0);
+        if self.neighbours.len() != m * m || history.is_empty() {
+            return;
+        }
+        for &(i, w) in history {
+            let i = i as usize;
+            let row = &self.neighbours[i * m..(i + 1) * m];
+            let own_row = own.map_or(&[][..], |own| own.row(i as u32));
+            // Leaving the customer out lowers the row's own cells and its total.
+            let lowered: Vec<(usize, f32)> = own_row
+                .iter()
+                .map(|&(_, j)| {
+                    let c = self.pairs[i * m + j as usize];
+                    let weight = own.map_or(0.0, |o| o.weight);
+                    (j as usize, c.max(0.0) - (c - weight).max(0.0))
+                })
+                .collect();
+            let total = self.row_total[i];
+            let left = (total - lowered.iter().map(|(_, d)| d).sum::<f32>()).max(f32::MIN_POSITIVE);
+            let scale = w * total / left;
+            for (o, p) in out.iter_mut().zip(row) {
+                *o += scale * p;
+            }
+            for (j, d) in lowered {
+                out[j] = (out[j] - w * d / left).max(0.0);
+            }
+        }
+        for o in out.iter_mut() {
+            *o = o.max(f32::MIN_POSITIVE).ln();
+        }
+    }
+}
+
+/// Length of a prior release with neighbours over a menu of `m` items.
+pub fn prior_release_len(m: usize) -> usize {
+    m + m * m
+}
+
+fn log_shares(counts: &[f64]) -> Vec<f32> {
+    let m = counts.len() as f64;
+    let total: f64 = counts.iter().map(|c| c.max(0.0)).sum();
+    counts
+        .iter()
+        .map(|c| ((c.max(0.0) + 1.0) / (total + m)).ln() as f32)
+        .collect()
+}
+
+/// A row of pair values as a distribution, and its normaliser.
+fn neighbour_row(row: &[f64], share: &[f64]) -> (Vec<f32>, f32) {
+    let positive: f64 = row.iter().map(|c| c.max(0.0)).sum();
+    let noise: f64 = row.iter().map(|c| (-c).max(0.0)).sum();
+    let shrink = 1.0 + noise;
+    let total = positive + shrink;
+    let values = row
+        .iter()
+        .zip(share)
+        .map(|(c, s)| ((c.max(0.0) + shrink * s) / total) as f32)
+        .collect();
+    (values, total as f32)
+}
+
+impl OwnPairs {
+    /// The customer's pairs that start at item `i`.
+    fn row(&self, i: u32) -> &[(u32, u32)] {
+        let start = self.pairs.partition_point(|&(a, _)| a < i);
+        let end = self.pairs.partition_point(|&(a, _)| a <= i);
+        &self.pairs[start..end]
+    }
+}
+
+/// The (earlier item, new item) pairs of one customer's orders (oldest
+/// first), each once: `j` ordered for the first time in an order after one
+/// that held `i`. What the neighbour statistic counts per customer.
+pub fn first_order_pairs(orders: &[OrderRecord]) -> std::collections::BTreeSet<(u32, u32)> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut pairs = std::collections::BTreeSet::new();
+    for order in orders {
+        for &j in &order.items {
+            if !seen.contains(&j) {
+                pairs.extend(seen.iter().map(|&i| (i, j)));
+            }
+        }
+        seen.extend(order.items.iter().copied());
+    }
+    pairs
 }
 
 /// A training or evaluation example: a history, a context and the items ordered next.
@@ -207,6 +362,9 @@ pub struct Example {
     pub target: Vec<u32>,
     /// The site's prior over its menu, shared by the site's examples.
     pub prior: std::sync::Arc<SitePrior>,
+    /// For a training example, its customer's part in the prior's neighbour
+    /// statistic, left out of its input; `None` for evaluation and serving.
+    pub own_pairs: Option<std::sync::Arc<OwnPairs>>,
 }
 
 impl Example {
@@ -219,6 +377,7 @@ impl Example {
             hour: at.hour,
             target,
             prior: Default::default(),
+            own_pairs: None,
         }
     }
 
@@ -482,5 +641,56 @@ mod tests {
             ),
             (6, 19)
         );
+    }
+
+    #[test]
+    fn first_order_pairs_count_only_first_tries_after_earlier_items() {
+        let orders = [order(1, &[0, 1]), order(2, &[1, 2]), order(3, &[2, 3, 0])];
+        let pairs: Vec<_> = first_order_pairs(&orders).into_iter().collect();
+        // 2 is new in order 2 (after 0 and 1); 3 is new in order 3 (after 0, 1, 2);
+        // repeats (1 in order 2; 2 and 0 in order 3) add nothing.
+        assert_eq!(pairs, vec![(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]);
+    }
+
+    #[test]
+    fn neighbours_rank_what_customers_went_on_to_try() {
+        // Menu of 3: item 0 popular; customers who had item 1 went on to try item 2.
+        let m = 3;
+        let mut release = vec![10.0, 2.0, 1.0];
+        release.extend([0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]);
+        let prior = SitePrior::from_release(&release, m).unwrap();
+        let mut after_1 = [0.0; 3];
+        prior.neighbour_scores(&[(1, 1.0)], None, &mut after_1);
+        assert!(after_1[2] > after_1[0], "{after_1:?}");
+        // An item with no pairs backs off to the site's shares.
+        let mut after_0 = [0.0; 3];
+        prior.neighbour_scores(&[(0, 1.0)], None, &mut after_0);
+        assert!(
+            after_0[0] > after_0[1] && after_0[1] > after_0[2],
+            "{after_0:?}"
+        );
+        // A release without pairs, or of the wrong length.
+        let plain = SitePrior::from_release(&release[..m], m).unwrap();
+        assert!(plain.neighbours.is_empty());
+        let mut none = [1.0; 3];
+        plain.neighbour_scores(&[(1, 1.0)], None, &mut none);
+        assert_eq!(none, [0.0; 3]);
+        assert!(SitePrior::from_release(&release[..5], m).is_none());
+    }
+
+    #[test]
+    fn noise_in_a_neighbour_row_is_shrunk_towards_the_shares() {
+        // Row 1 holds only noise (as much below zero as above): its
+        // distribution stays near the site's shares, not at the noise.
+        let m = 3;
+        let mut release = vec![10.0, 2.0, 1.0];
+        release.extend([0.0, 0.0, 0.0, -3.0, 0.0, 3.0, 0.0, 0.0, 0.0]);
+        let prior = SitePrior::from_release(&release, m).unwrap();
+        let row = &prior.neighbours[m..2 * m];
+        let share = |i: usize| f64::from(prior.log_share[i]).exp() as f32;
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        // Normalised as it came, the row would put all its mass on item 2.
+        assert!(row[2] < 0.6, "{row:?}");
+        assert!(row[0] > share(0) / 2.0, "{row:?}");
     }
 }

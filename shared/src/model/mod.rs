@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use features::{
-    Context, DAYPARTS, Daypart, Example, OrderRecord, REPEAT_FEATURES, RepeatFeature, SitePrior,
-    history_weights, repeat_features, topfreq_order, training_examples,
+    Context, DAYPARTS, Daypart, Example, OrderRecord, OwnPairs, REPEAT_FEATURES, RepeatFeature,
+    SitePrior, first_order_pairs, history_weights, prior_release_len, repeat_features,
+    topfreq_order, training_examples,
 };
 pub use menu::{Menu, MenuError, MenuItem};
 pub use recommender::{Batch, Recommender};
@@ -29,18 +30,20 @@ pub const WEEKDAYS: usize = 7;
 /// Hours of the day.
 pub const HOURS: usize = 24;
 
-/// Slots of the head: the explore gain, the prior weight, the new-item biases
-/// and the repeat weights, after everything else (see [`TrainScope`]).
-const HEAD_SLOTS: usize = 4;
+/// Slots of the global weights: the explore gain, the prior and neighbour
+/// weights and the repeat weights, after everything else (see [`TrainScope`]).
+const WEIGHT_SLOTS: usize = 4;
+/// Slots of the head: the weights and before them the new-item biases.
+const HEAD_SLOTS: usize = 5;
 /// Slots of the linear part: the head, then before it the daypart biases and
 /// the co-occurrence matrix.
-const LINEAR_SLOTS: usize = 6;
+const LINEAR_SLOTS: usize = 7;
 
 /// Which parameters a round trains and its update carries.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TrainScope {
-    /// The coordinator decides: the head under customer-level DP, all otherwise.
+    /// The coordinator decides: the weights under customer-level DP, all otherwise.
     #[default]
     Auto,
     /// Every parameter.
@@ -49,17 +52,23 @@ pub enum TrainScope {
     /// item-to-item co-occurrence matrix (menu² values), not the embeddings
     /// and the MLP.
     Linear,
-    /// Only the head: repeat weights, new-item biases and the explore gain
-    /// (the menu plus 14 values).
+    /// The head: the weights and the new-item biases (the menu plus 15 values).
     Head,
+    /// Only the global weights: the repeat weights, the explore gain and the
+    /// prior and neighbour weights (15 values). What customer-level DP trains
+    /// by default: a customer's update is then about how to weigh the
+    /// features every customer has, which averages into a direction, while
+    /// per-item values move towards each customer's own items, which averages
+    /// into little but costs the same clipping and noise.
+    Weights,
 }
 
 impl TrainScope {
-    /// The scope a round uses: `Auto` is the head when the round is private
-    /// (a few hundred values learn under noise that drowns tens of thousands).
+    /// The scope a round uses: `Auto` is the weights when the round is
+    /// private (a few dozen values learn under noise that drowns thousands).
     pub fn resolve(self, private: bool) -> Self {
         match self {
-            Self::Auto if private => Self::Head,
+            Self::Auto if private => Self::Weights,
             Self::Auto => Self::All,
             other => other,
         }
@@ -171,9 +180,10 @@ impl ModelSpec {
             slot("output_bias", &[d]),
             slot("cooccurrence", &[m, m]),
             slot("daypart_bias", &[DAYPARTS, m]),
+            slot("item_bias", &[m]),
             slot("explore_gain", &[1]),
             slot("prior_weight", &[1]),
-            slot("item_bias", &[m]),
+            slot("neighbour_weight", &[1]),
             slot("repeat_weight", &[REPEAT_FEATURES, 1]),
         ]
     }
@@ -191,6 +201,7 @@ impl ModelSpec {
     pub fn trainable(&self, scope: TrainScope) -> std::ops::Range<usize> {
         let all = self.param_count();
         match scope {
+            TrainScope::Weights => all - self.tail_len(WEIGHT_SLOTS)..all,
             TrainScope::Head => all - self.tail_len(HEAD_SLOTS)..all,
             TrainScope::Linear => all - self.tail_len(LINEAR_SLOTS)..all,
             TrainScope::All | TrainScope::Auto => 0..all,
@@ -213,7 +224,7 @@ impl ModelSpec {
             h.update((bytes.len() as u64).to_le_bytes());
             h.update(bytes);
         };
-        put(b"potluck-model-spec-v2");
+        put(b"potluck-model-spec-v3");
         for slot in self.layout() {
             put(slot.path.as_bytes());
             for dim in &slot.shape {

@@ -9,13 +9,16 @@
 //!
 //! Item `i`'s score for a customer with pooled history `p` (weights over the
 //! menu), ordering at daypart `t`, is
-//! `s_i = h_i·(w · f_i) + (1 − h_i)·(b_i + a·π_i) + Σ_j p_j·W_ji + D_ti + g·(q · E_i)`:
+//! `s_i = h_i·(w · f_i) + (1 − h_i)·(b_i + a·π_i + c·ν_i) + Σ_j p_j·W_ji + D_ti + g·(q · E_i)`:
 //! - **repeat**: `h_i` is 1 if the customer ordered `i` before and `f_i` are
 //!   that item's repeat features; `w` is a dozen global weights. This is the
 //!   channel that can say "ordered this 6 times out of 7".
 //! - **explore**: for items the customer has not ordered, `π_i` is the site's
 //!   prior (its log share of the site's orders, [`super::SitePrior`]) with a
-//!   global weight `a`, and `b_i` a global bias; `W` an item-to-item co-occurrence matrix (what customers who
+//!   global weight `a`; `ν_i` the log probability of `i` under the site's
+//!   neighbour rows mixed by `p` (what customers with this history went on
+//!   to try, [`super::SitePrior::neighbour_scores`]) with a global weight
+//!   `c`; `b_i` a global bias; `W` an item-to-item co-occurrence matrix (what customers who
 //!   ordered `j` order next); `D` a daypart-by-item bias (breakfast items in
 //!   the morning); and `q · E_i` a low-rank, context-aware term: the customer
 //!   vector `u = p · E` (E the item embeddings) and the context embeddings
@@ -23,8 +26,8 @@
 //!   scored against every item's embedding, with a global gain `g`.
 //!
 //! The initial weights ([`super::ModelSpec::initial_params`]) make `w` read
-//! only the GP-TopFreq rank and the history flag, `a = 1`, and `b`, `W`, `D`
-//! and `g` at 0, so the untrained model ranks exactly as GP-TopFreq does (the
+//! only the GP-TopFreq rank and the history flag, `a = 1`, and `b`, `c`, `W`,
+//! `D` and `g` at 0, so the untrained model ranks exactly as GP-TopFreq does (the
 //! customer's own items, then the site's popular ones) and training can only
 //! add to it. No parameter belongs to a
 //! customer.
@@ -36,11 +39,19 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use super::features::{Daypart, REPEAT_FEATURES};
 use super::{Example, ModelError, ModelSpec, check_vector};
 
+/// What a masked-out score is lowered by: enough that it takes no share of a
+/// softmax, small enough to stay finite in f32.
+const MASKED: f32 = 1.0e4;
+
+/// The weight of the loss over the whole menu, which alone decides where the
+/// customer's own items end and new ones begin.
+const MERGE_WEIGHT: f32 = 0.25;
+
 /// The next-order recommender; field order is the canonical parameter order.
 ///
-/// The fields from `cooccurrence` on are the model's linear part, the last
-/// three its *head* ([`super::TrainScope`]): the parts customer-level DP can
-/// train on their own.
+/// The fields from `cooccurrence` on are the model's linear part, from
+/// `item_bias` on its *head*, from `explore_gain` on its global *weights*
+/// ([`super::TrainScope`]): the parts a round can train on their own.
 #[derive(Module, Debug)]
 pub struct Recommender {
     item_embedding: Param<Tensor<2>>,
@@ -52,9 +63,10 @@ pub struct Recommender {
     output_bias: Param<Tensor<1>>,
     cooccurrence: Param<Tensor<2>>,
     daypart_bias: Param<Tensor<2>>,
+    item_bias: Param<Tensor<1>>,
     explore_gain: Param<Tensor<1>>,
     prior_weight: Param<Tensor<1>>,
-    item_bias: Param<Tensor<1>>,
+    neighbour_weight: Param<Tensor<1>>,
     repeat_weight: Param<Tensor<2>>,
 }
 
@@ -65,6 +77,7 @@ pub struct Batch {
     repeat: Tensor<2>,
     seen: Tensor<2>,
     prior: Tensor<2>,
+    neighbour: Tensor<2>,
     weekday: Tensor<1, Int>,
     hour: Tensor<1, Int>,
     daypart: Tensor<1, Int>,
@@ -80,6 +93,7 @@ impl Batch {
         let mut repeat = vec![0.0f32; n * menu_len * REPEAT_FEATURES];
         let mut seen = vec![0.0f32; n * menu_len];
         let mut prior = vec![0.0f32; n * menu_len];
+        let mut neighbour = vec![0.0f32; n * menu_len];
         let mut target = vec![0.0f32; n * menu_len];
         let mut weekday = Vec::with_capacity(n);
         let mut hour = Vec::with_capacity(n);
@@ -91,6 +105,11 @@ impl Batch {
             if ex.prior.log_share.len() == menu_len {
                 prior[row * menu_len..(row + 1) * menu_len].copy_from_slice(&ex.prior.log_share);
             }
+            ex.prior.neighbour_scores(
+                &ex.history,
+                ex.own_pairs.as_deref(),
+                &mut neighbour[row * menu_len..(row + 1) * menu_len],
+            );
             for (i, features) in &ex.repeat {
                 let cell = row * menu_len + *i as usize;
                 seen[cell] = 1.0;
@@ -111,6 +130,7 @@ impl Batch {
             repeat: Tensor::from_data(TensorData::new(repeat, repeat_shape), device),
             seen: Tensor::from_data(TensorData::new(seen, [n, menu_len]), device),
             prior: Tensor::from_data(TensorData::new(prior, [n, menu_len]), device),
+            neighbour: Tensor::from_data(TensorData::new(neighbour, [n, menu_len]), device),
             weekday: Tensor::from_data(TensorData::new(weekday, [n]), device),
             hour: Tensor::from_data(TensorData::new(hour, [n]), device),
             daypart: Tensor::from_data(TensorData::new(daypart, [n]), device),
@@ -164,10 +184,11 @@ impl Recommender {
             output_bias: param(take(6), device),
             cooccurrence: param(take(7), device),
             daypart_bias: param(take(8), device),
-            explore_gain: param(take(9), device),
-            prior_weight: param(take(10), device),
-            item_bias: param(take(11), device),
-            repeat_weight: param(take(12), device),
+            item_bias: param(take(9), device),
+            explore_gain: param(take(10), device),
+            prior_weight: param(take(11), device),
+            neighbour_weight: param(take(12), device),
+            repeat_weight: param(take(13), device),
         })
     }
 
@@ -219,13 +240,30 @@ impl Recommender {
             + repeat
             + unseen
                 * (self.item_bias.val().unsqueeze_dim(0)
-                    + batch.prior.clone() * self.prior_weight.val().unsqueeze_dim(0))
+                    + batch.prior.clone() * self.prior_weight.val().unsqueeze_dim(0)
+                    + batch.neighbour.clone() * self.neighbour_weight.val().unsqueeze_dim(0))
     }
 
-    /// Mean softmax cross-entropy against the batch's normalised multi-hot targets.
+    /// The loss of each channel on its own items: softmax cross-entropy of
+    /// the ordered items the customer had ordered before among those items,
+    /// plus that of the new ones among the items never ordered (targets are
+    /// normalised multi-hot rows, so an order's weight splits between the
+    /// two). Training thus learns to order the customer's own items and to
+    /// pick new ones, and never trades one against the other: the untrained
+    /// model's customer-items-first structure, GP-TopFreq's, is what the
+    /// repeat and new-item scores are added to.
     pub fn loss(&self, batch: &Batch) -> Tensor<1> {
-        let log_probs = log_softmax(self.forward(batch), 1);
-        (batch.target.clone() * log_probs).sum_dim(1).mean().neg()
+        let logits = self.forward(batch);
+        let seen = batch.seen.clone();
+        let unseen = seen.clone().neg() + 1.0;
+        let among = |mask: Tensor<2>| {
+            let masked = logits.clone() - (mask.clone().neg() + 1.0) * MASKED;
+            (batch.target.clone() * mask * log_softmax(masked, 1)).sum_dim(1)
+        };
+        let whole = (batch.target.clone() * log_softmax(logits.clone(), 1)).sum_dim(1);
+        (among(seen) + among(unseen) + whole * MERGE_WEIGHT)
+            .mean()
+            .neg()
     }
 }
 

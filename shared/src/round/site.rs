@@ -382,6 +382,10 @@ impl SiteSession {
                 return;
             }
         }
+        if let Err(reason) = task.settings.check() {
+            self.decline(task.round, reason.to_string());
+            return;
+        }
         if task.audit.is_none()
             && let Err(reason) = check_training_shape(&task, &model)
         {

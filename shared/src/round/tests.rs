@@ -1175,3 +1175,78 @@ fn adaptive_clipping_follows_the_target_quantile_of_update_norms() {
         "clip {clip}, delta bound {delta_bound}"
     );
 }
+
+/// What a site answers a round task sent straight to it: its refusal, if any.
+fn refusal(h: &mut Harness, id: &SiteId, task: crate::wire::RoundTask) -> Option<String> {
+    let (session, _) = h.sites.get_mut(id).unwrap();
+    while session.poll_transmit().is_some() {}
+    session
+        .handle_message(
+            CoordinatorMessage::RoundOpen(Box::new(task)),
+            SystemTime::now(),
+            &mut h.rng,
+        )
+        .unwrap();
+    std::iter::from_fn(|| session.poll_transmit()).find_map(|m| match m {
+        SiteMessage::Declined { reason, .. } => Some(reason),
+        _ => None,
+    })
+}
+
+/// Attack: a coordinator sends round parameters that would panic a site
+/// (a negative clamp bound in the encoding) or keep it training without end
+/// (epochs, batch sizes, learning rates out of range). Each is refused with
+/// the field named, before any work.
+#[test]
+fn a_site_refuses_round_parameters_that_would_crash_it_or_make_it_work_without_limit() {
+    let mut h = Harness::new(3, config(10, 1)); // no round opens by itself
+    let model = h.coordinator.model().clone();
+    let mut settings = RoundConfig::default().settings;
+    settings.scope = crate::model::TrainScope::All;
+    let honest = crate::wire::RoundTask {
+        round: RoundId(7),
+        model_version: model.version,
+        spec_hash: model.spec.hash(),
+        settings,
+        secagg: Some(crate::secagg::Setup {
+            cohort: (0..3).map(site).collect(),
+            threshold: 3,
+            encoding: crate::secagg::Encoding::new(32, 10.0, 3).unwrap(),
+            length: model.spec.param_count() + crate::dp::distributed::extra_coordinates(false),
+        }),
+        privacy: None,
+        audit: None,
+    };
+    assert_eq!(refusal(&mut h, &site(0), honest.clone()), None);
+
+    let mut attacks: Vec<(&str, crate::wire::RoundTask)> = Vec::new();
+    for (field, bound, scale, margin) in [
+        ("bound", -1.0f32, 1e3, 0.0),
+        ("bound", f32::NAN, 1e3, 0.0),
+        ("scale", 10.0, -1e3, 0.0),
+        ("margin", 10.0, 1e3, -1e12),
+    ] {
+        let mut task = honest.clone();
+        let encoding = &mut task.secagg.as_mut().unwrap().encoding;
+        (encoding.bound, encoding.scale, encoding.noise_margin) = (bound, scale, margin);
+        attacks.push((field, task));
+    }
+    type Change = fn(&mut crate::wire::TrainSettings);
+    let settings_attacks: [(&str, Change); 6] = [
+        ("epochs", |s| s.epochs = u32::MAX),
+        ("epochs", |s| s.epochs = 0),
+        ("batch_size", |s| s.batch_size = 0),
+        ("learning_rate", |s| s.learning_rate = f32::INFINITY),
+        ("clip_norm", |s| s.clip_norm = -1.0),
+        ("noise_std", |s| s.noise_std = f32::NAN),
+    ];
+    for (field, change) in settings_attacks {
+        let mut task = honest.clone();
+        change(&mut task.settings);
+        attacks.push((field, task));
+    }
+    for (field, task) in attacks {
+        let reason = refusal(&mut h, &site(0), task).expect("refused");
+        assert!(reason.contains(field), "{field}: {reason}");
+    }
+}

@@ -42,6 +42,12 @@ pub enum EncodingError {
     /// The bound is not positive and finite.
     #[error("coordinate bound must be positive, got {0}")]
     Bound(f32),
+    /// The scale is not positive and finite.
+    #[error("fixed-point scale must be positive, got {0}")]
+    Scale(f64),
+    /// The noise margin is negative or not finite.
+    #[error("noise margin must be finite and not negative, got {0}")]
+    NoiseMargin(f64),
     /// The modulus is too small to sum this many sites at a useful resolution.
     #[error(
         "{bits}-bit modulus cannot sum {sites} updates at {MIN_RESOLUTION_BITS} bits of resolution; raise the modulus bits"
@@ -109,8 +115,21 @@ impl Encoding {
         Ok(encoding)
     }
 
-    /// Check that summing `sites` encodings cannot overflow.
+    /// Check that every field is usable (a peer may send any value) and that
+    /// summing `sites` encodings cannot overflow.
     pub fn check(&self, sites: usize) -> Result<(), EncodingError> {
+        if !(16..=32).contains(&self.bits) {
+            return Err(EncodingError::Bits(self.bits));
+        }
+        if !(self.bound.is_finite() && self.bound > 0.0) {
+            return Err(EncodingError::Bound(self.bound));
+        }
+        if !(self.scale.is_finite() && self.scale > 0.0) {
+            return Err(EncodingError::Scale(self.scale));
+        }
+        if !(self.noise_margin.is_finite() && self.noise_margin >= 0.0) {
+            return Err(EncodingError::NoiseMargin(self.noise_margin));
+        }
         let half = 2f64.powi(self.bits as i32 - 1);
         let worst = sites as f64 * (f64::from(self.bound) * self.scale + 1.0) + self.noise_margin;
         if (16..=32).contains(&self.bits) && worst < half {

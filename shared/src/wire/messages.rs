@@ -135,6 +135,58 @@ impl Default for TrainSettings {
     }
 }
 
+/// Largest number of local epochs a site accepts.
+pub const MAX_EPOCHS: u32 = 1_000;
+/// Largest local batch a site accepts.
+pub const MAX_BATCH_SIZE: u32 = 1 << 16;
+/// Largest local learning rate a site accepts.
+pub const MAX_LEARNING_RATE: f32 = 1_000.0;
+
+/// A training setting a site refuses, by field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("training setting `{field}` = {value} is outside {allowed}")]
+pub struct SettingsError {
+    /// The field.
+    pub field: &'static str,
+    /// Its value, as sent.
+    pub value: String,
+    /// What is allowed.
+    pub allowed: &'static str,
+}
+
+impl TrainSettings {
+    /// Check every field against what a site will do: the coordinator may
+    /// send any value, and none may make a site panic or work without limit.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        let refuse = |field, value: String, allowed| {
+            Err(SettingsError {
+                field,
+                value,
+                allowed,
+            })
+        };
+        if !(1..=MAX_EPOCHS).contains(&self.epochs) {
+            return refuse("epochs", self.epochs.to_string(), "1 to 1,000");
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return refuse("batch_size", self.batch_size.to_string(), "1 to 65,536");
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate <= MAX_LEARNING_RATE) {
+            let value = self.learning_rate.to_string();
+            return refuse("learning_rate", value, "(0, 1000]");
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
+            let value = self.clip_norm.to_string();
+            return refuse("clip_norm", value, "positive finite numbers");
+        }
+        if !(self.noise_std.is_finite() && self.noise_std >= 0.0) {
+            let value = self.noise_std.to_string();
+            return refuse("noise_std", value, "finite numbers not below 0");
+        }
+        Ok(())
+    }
+}
+
 /// A site's contribution to a round, in plain (not securely aggregated) mode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteUpdate {
