@@ -9,10 +9,8 @@
 use std::sync::Arc;
 
 use potluck_shared::model::{
-    Example, SitePrior, first_order_pairs, topfreq_order, training_examples,
+    Example, OrderRecord, OwnPairs, SitePrior, first_order_pairs, topfreq_order, training_examples,
 };
-
-use potluck_shared::model::{OrderRecord, OwnPairs};
 
 use crate::store::CustomerHistory;
 
@@ -36,9 +34,6 @@ pub struct SiteData {
     pub eval: Vec<EvalCase>,
     /// Item order counts over the training orders, indexed by menu position.
     pub popularity: Vec<u32>,
-    /// Row-major `[m, m]`: how many customers ordered item `j` for the first
-    /// time after an order holding item `i` ([`first_order_pairs`]).
-    pub pair_counts: Vec<u32>,
     /// Each customer's training examples, as a range of `train`.
     pub customers: Vec<std::ops::Range<usize>>,
     /// Per item, the sum over customers of their training-order counts
@@ -65,7 +60,6 @@ impl SiteData {
     pub fn prepare(histories: &[CustomerHistory], menu_len: usize, decay: f32) -> Self {
         let mut data = SiteData {
             popularity: vec![0; menu_len],
-            pair_counts: vec![0; menu_len * menu_len],
             customer_popularity: vec![0.0; menu_len],
             customer_pairs: vec![0.0; menu_len * menu_len],
             ..Self::default()
@@ -107,8 +101,8 @@ impl SiteData {
         data
     }
 
-    /// Count one customer's training orders into the exact counts and into
-    /// the per-customer-bounded sums; items off the menu are skipped.
+    /// Count one customer's training orders into the exact item counts and
+    /// into the per-customer-bounded sums; items off the menu are skipped.
     /// Returns the customer's part in the pair sums.
     fn add_customer_counts(&mut self, orders: &[OrderRecord], m: usize) -> OwnPairs {
         let mut own = std::collections::BTreeMap::<usize, f64>::new();
@@ -129,7 +123,6 @@ impl SiteData {
         let each = 1.0 / (pairs.len().max(1) as f64).sqrt();
         for &(i, j) in &pairs {
             let cell = i as usize * m + j as usize;
-            self.pair_counts[cell] += 1;
             self.customer_pairs[cell] += each;
         }
         OwnPairs {
@@ -146,9 +139,10 @@ impl SiteData {
     /// release of `m²` pair values needs drowns all but the most common
     /// pairs (at 1,000 customers a pair held by 200 of them stands at about
     /// 2.6 noise deviations), so private rounds rank new items by popularity
-    /// alone. Released once
-    /// per lineage and charged to the ledger as a Gaussian mechanism over
-    /// every customer ([`potluck_shared::dp::RoundPrivacy::prior_step`]).
+    /// alone.
+    ///
+    /// Released once per lineage and charged to the ledger as a Gaussian
+    /// mechanism over every customer ([`potluck_shared::dp::RoundPrivacy::prior_step`]).
     ///
     /// Fails, rather than release with less noise, on a noise multiplier that
     /// is not a positive finite number.

@@ -15,8 +15,8 @@
 //! being predicted: there are no per-customer parameters, so a new customer is
 //! served from their first order and erasing a customer is deleting their rows.
 //! The only input computed from other customers' orders is the [`SitePrior`]
-//! (the site's popularity and item neighbours); in private rounds it is itself
-//! a differentially private release, charged once, so one customer's data
+//! (the site's popularity and item neighbours); in private rounds it is a
+//! differentially private release of the popularity alone, charged once, so one customer's data
 //! still moves only that customer's contribution, which is what the
 //! customer-level sensitivity bound rests on.
 
@@ -177,9 +177,10 @@ pub const REPEAT_FEATURES: usize = 12;
 ///   first time ("who had the burger later tried the shake"), the statistic
 ///   item-based next-basket models (TIFU-KNN) are built on.
 ///
-/// In private rounds both come from one differentially private release (see
-/// the agent's `dataset` module), since every customer's orders are in them;
-/// what is built here from a release is post-processing and costs nothing.
+/// Every customer's orders are in both, so a private lineage uses a
+/// differentially private release of the shares instead, and no neighbours
+/// (see the agent's `dataset` module); what is built here from a release is
+/// post-processing and costs nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SitePrior {
     /// Per menu item; empty when the site has none (every item then ties).
@@ -217,11 +218,12 @@ impl SitePrior {
     }
 
     /// The prior of a release laid out as [`prior_release_len`] says: `m`
-    /// item counts, then (optionally) `m²` pair counts, row `i` counting the
-    /// customers who ordered item `j` for the first time after `i`. `None`
-    /// when the length is neither `m` nor `m + m²`.
+    /// item counts, then (optionally) `m²` pair values, row `i` summing, over
+    /// customers, how much each one ordered item `j` for the first time after
+    /// `i` ([`first_order_pairs`], each customer's pairs scaled to unit L2
+    /// norm). `None` when the length is neither `m` nor `m + m²`.
     ///
-    /// Pair counts may be noisy, so each row is shrunk towards the site's
+    /// Pair values may be noisy, so each row is shrunk towards the site's
     /// shares by as much mass as the row's noise is estimated to hold: for a
     /// cell with no signal, noise is as likely negative as positive, so the
     /// mass below zero estimates the mass of noise above it.
@@ -267,24 +269,22 @@ impl SitePrior {
         for &(i, w) in history {
             let i = i as usize;
             let row = &self.neighbours[i * m..(i + 1) * m];
-            let own_row = own.map_or(&[][..], |own| own.row(i as u32));
             // Leaving the customer out lowers the row's own cells and its total.
-            let lowered: Vec<(usize, f32)> = own_row
-                .iter()
-                .map(|&(_, j)| {
-                    let c = self.pairs[i * m + j as usize];
-                    let weight = own.map_or(0.0, |o| o.weight);
-                    (j as usize, c.max(0.0) - (c - weight).max(0.0))
-                })
-                .collect();
+            let (own_row, weight) = own.map_or((&[][..], 0.0), |o| (o.row(i as u32), o.weight));
+            let lowered = |j: u32| {
+                let c = self.pairs[i * m + j as usize];
+                c.max(0.0) - (c - weight).max(0.0)
+            };
             let total = self.row_total[i];
-            let left = (total - lowered.iter().map(|(_, d)| d).sum::<f32>()).max(f32::MIN_POSITIVE);
+            let removed: f32 = own_row.iter().map(|&(_, j)| lowered(j)).sum();
+            let left = (total - removed).max(f32::MIN_POSITIVE);
             let scale = w * total / left;
             for (o, p) in out.iter_mut().zip(row) {
                 *o += scale * p;
             }
-            for (j, d) in lowered {
-                out[j] = (out[j] - w * d / left).max(0.0);
+            for &(_, j) in own_row {
+                let o = &mut out[j as usize];
+                *o = (*o - w * lowered(j) / left).max(0.0);
             }
         }
         for o in out.iter_mut() {
@@ -676,6 +676,28 @@ mod tests {
         plain.neighbour_scores(&[(1, 1.0)], None, &mut none);
         assert_eq!(none, [0.0; 3]);
         assert!(SitePrior::from_release(&release[..5], m).is_none());
+    }
+
+    #[test]
+    fn a_training_example_leaves_its_own_customer_out_of_the_neighbours() {
+        // The only customer who tried item 2 after item 1 is this one.
+        let m = 3;
+        let mut release = vec![10.0, 2.0, 1.0];
+        release.extend([0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]);
+        let prior = SitePrior::from_release(&release, m).unwrap();
+        let own = OwnPairs {
+            pairs: vec![(1, 2)],
+            weight: 5.0,
+        };
+        let mut with = [0.0; 3];
+        prior.neighbour_scores(&[(1, 1.0)], None, &mut with);
+        let mut without = [0.0; 3];
+        prior.neighbour_scores(&[(1, 1.0)], Some(&own), &mut without);
+        assert!(with[2] > with[0], "{with:?}");
+        // Left out, row 1 is the site's shares again.
+        for (j, share) in prior.log_share.iter().enumerate() {
+            assert!((without[j] - share).abs() < 1e-5, "{without:?}");
+        }
     }
 
     #[test]

@@ -248,10 +248,11 @@ impl Recommender {
     /// the ordered items the customer had ordered before among those items,
     /// plus that of the new ones among the items never ordered (targets are
     /// normalised multi-hot rows, so an order's weight splits between the
-    /// two). Training thus learns to order the customer's own items and to
-    /// pick new ones, and never trades one against the other: the untrained
-    /// model's customer-items-first structure, GP-TopFreq's, is what the
-    /// repeat and new-item scores are added to.
+    /// two), plus [`MERGE_WEIGHT`] times the cross-entropy over the whole
+    /// menu. The per-channel terms learn to order the customer's own items
+    /// and to pick new ones without trading one against the other; only the
+    /// small whole-menu term moves the line between them that the untrained
+    /// model draws as GP-TopFreq does (the customer's own items first).
     pub fn loss(&self, batch: &Batch) -> Tensor<1> {
         let logits = self.forward(batch);
         let seen = batch.seen.clone();
