@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use potluck_shared::round::{
     SecAggIdentity, SiteEvent, SiteSession, SiteSessionError, privacy_step,
@@ -155,6 +155,7 @@ impl Agent {
         let secagg = SecAggIdentity {
             signer: Arc::new(SiteSigner::new(&identity.chain[0], &identity.key)?),
             verifier: PeerVerifier::new(identity.ca.clone())?,
+            floor: config.secure_aggregation,
         };
         let client = tls::client_config(identity)?;
         let api = if config.api.enabled {
@@ -420,6 +421,7 @@ impl Agent {
             site: self.config.site_id.clone(),
             store: self.store.clone(),
             limits: self.config.privacy.clone(),
+            floor: self.config.secure_aggregation,
             audit,
             simulation: self.simulation.clone(),
             runtime: tokio::runtime::Handle::current(),
@@ -457,6 +459,7 @@ struct WorkerContext {
     site: SiteId,
     store: StoreHandle,
     limits: PrivacyLimits,
+    floor: potluck_shared::secagg::Floor,
     audit: AuditLog,
     simulation: Option<Simulation>,
     runtime: tokio::runtime::Handle,
@@ -656,20 +659,23 @@ fn charge_ledger(
     let WorkerContext {
         store,
         limits,
+        floor,
         audit,
         ..
     } = context;
-    let step = privacy_step(task).ok_or("a private round without secure aggregation")?;
+    let step = privacy_step(task, floor).ok_or("a private round without secure aggregation")?;
     let prior = release.and(privacy.prior_step());
     let steps: Vec<Step> = std::iter::once(step).chain(prior).collect();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let spent = store
         .with(|s| {
             s.spend_privacy(
-                &privacy.lineage,
-                task.round,
+                (&privacy.lineage, task.round),
                 &steps,
-                limits.max_epsilon,
-                limits.delta,
+                &limits.cap(),
+                now,
                 release,
             )
         })

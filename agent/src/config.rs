@@ -56,6 +56,12 @@ pub struct AgentConfig {
     /// This site's own privacy limits, enforced whatever the coordinator asks.
     #[serde(default)]
     pub privacy: PrivacyLimits,
+    /// The least this site accepts of a round's secure aggregation: the
+    /// smallest cohort, and how many cohort members it assumes may collude
+    /// with the coordinator (raising the threshold it needs and the
+    /// privacy it charges per round).
+    #[serde(default)]
+    pub secure_aggregation: potluck_shared::secagg::Floor,
     /// Which data is kept, for what, and for how long.
     #[serde(default)]
     pub data: DataPolicy,
@@ -174,10 +180,16 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyLimits {
-    /// Largest epsilon per model lineage; past it the site trains no more for that lineage.
+    /// Largest epsilon spent on this site's customers, every round it takes
+    /// part in together, whatever lineage the coordinator names it; past it
+    /// the site takes part in no private round.
     pub max_epsilon: f64,
     /// The delta that epsilon is stated at.
     pub delta: f64,
+    /// Count only rounds of the last this many days (the budget renews:
+    /// "epsilon per customer per rolling year" is 365); unset counts every
+    /// round ever recorded.
+    pub window_days: Option<u32>,
     /// Refuse rounds without distributed differential privacy.
     pub require: bool,
 }
@@ -187,7 +199,19 @@ impl Default for PrivacyLimits {
         Self {
             max_epsilon: 8.0,
             delta: 1e-6,
+            window_days: None,
             require: true,
+        }
+    }
+}
+
+impl PrivacyLimits {
+    /// The cap the ledger enforces.
+    pub fn cap(&self) -> potluck_shared::dp::Cap {
+        potluck_shared::dp::Cap {
+            max_epsilon: self.max_epsilon,
+            delta: self.delta,
+            window_secs: self.window_days.map(|d| u64::from(d) * 86_400),
         }
     }
 }

@@ -110,6 +110,16 @@ enum Command {
     /// The global model this site uses.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// The privacy spent on this site's customers and what is left: every
+    /// private round it took part in, whatever lineage each was named.
+    Privacy {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect to the coordinator and take part in training rounds until stopped.
     Run {
         /// The agent's configuration file.
@@ -245,6 +255,7 @@ fn main() -> Result<()> {
             at,
         } => recommend_items(&who, usize::from(k), explain, at),
         Command::Run { config } => run(&config),
+        Command::Privacy { config, json } => privacy(&config, json),
         Command::Consent {
             who,
             grant,
@@ -610,6 +621,42 @@ fn audit_verify(config: &Path, json: bool) -> Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn privacy(config: &Path, json: bool) -> Result<()> {
+    let config = load_config(config)?;
+    let store = open_store(&config)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let spent = store.ledger()?.spent(&config.privacy.cap(), now);
+    let window = config.privacy.window_days;
+    if json {
+        let mut out = serde_json::to_value(&spent)?;
+        out["remaining"] = spent.remaining().into();
+        out["window_days"] = window.into();
+        println!("{out}");
+        return Ok(());
+    }
+    let period = match window {
+        Some(days) => format!("in the last {days} days"),
+        None => "in all".to_string(),
+    };
+    println!(
+        "epsilon {:.4} spent {period} over {} rounds (lineages: {}); {:.4} left of this site's maximum {} (delta {})",
+        spent.epsilon,
+        spent.rounds,
+        if spent.lineages.is_empty() {
+            "none".to_string()
+        } else {
+            spent.lineages.join(", ")
+        },
+        spent.remaining(),
+        spent.max_epsilon,
+        spent.delta
+    );
+    Ok(())
 }
 
 fn run(config: &Path) -> Result<()> {

@@ -7,7 +7,8 @@
 //! when the hour (weekday) is replaced by the average over all hours
 //! (weekdays). The largest factor, with facts from the customer's own orders,
 //! becomes a sentence a waiter can read. Everyone else (unknown customers,
-//! customers without consent or without usable orders), and everyone while
+//! customers without consent or without usable orders, told apart by
+//! nothing in the answer), and everyone while
 //! the site has no model yet, gets the site's popular items, flagged as not
 //! personalised.
 
@@ -47,16 +48,17 @@ pub enum RecommendError {
 }
 
 /// Why a customer gets popular rather than personal items.
+///
+/// One answer covers a customer the site does not know, one who has not
+/// consented and one without orders of menu items: the till learns nothing
+/// about whether someone is a customer, or what they consented to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NotPersonalised {
-    /// The site holds nothing about them.
-    UnknownCustomer,
-    /// They have not consented.
-    NoConsent,
-    /// None of their orders is of an item on the current menu.
-    NoHistory,
-    /// The site has not received a global model yet.
+    /// No personal recommendations for this customer (unknown here, no
+    /// consent, or no orders of items on the current menu).
+    NoProfile,
+    /// The site has not received a global model yet (said for everyone).
     NoModel,
 }
 
@@ -64,9 +66,7 @@ impl NotPersonalised {
     /// Why, in words.
     pub fn describe(self) -> &'static str {
         match self {
-            Self::UnknownCustomer => "customer unknown to this site",
-            Self::NoConsent => "customer has not consented to personalisation",
-            Self::NoHistory => "customer has no orders of items on the menu",
+            Self::NoProfile => "no personal recommendations for this customer",
             Self::NoModel => "this site has no model yet",
         }
     }
@@ -141,14 +141,15 @@ pub fn recommend(
         (None, None) => return Err(RecommendError::NoMenu),
     };
     let customer = store.customer(request.customer, &menu)?;
+    // The model's absence is said first: it is the same for every customer.
     let fallback = match (&customer, &model) {
-        (None, _) => NotPersonalised::UnknownCustomer,
-        (Some(c), _) if !c.consent => NotPersonalised::NoConsent,
-        (Some(c), _) if c.history.orders.is_empty() => NotPersonalised::NoHistory,
-        (Some(_), None) => NotPersonalised::NoModel,
-        (Some(customer), Some(model)) => {
+        (_, None) => NotPersonalised::NoModel,
+        (Some(customer), Some(model))
+            if customer.consent && !customer.history.orders.is_empty() =>
+        {
             return personalised(store, model, customer, request);
         }
+        _ => NotPersonalised::NoProfile,
     };
     popular(store, &menu, request.k, fallback)
 }

@@ -78,7 +78,7 @@ impl Phase {
         };
         let phase = match message {
             ClientMessage::AdvertiseKeys { .. } => Self::Advertise,
-            ClientMessage::EncryptedShares(_) => Self::Share,
+            ClientMessage::EncryptedShares { .. } => Self::Share,
             ClientMessage::MaskedInput(_) => Self::Input,
             ClientMessage::SurvivorSignature(_) | ClientMessage::UnmaskShares { .. } => {
                 Self::Unmask

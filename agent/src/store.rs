@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use potluck_shared::RoundId;
 use potluck_shared::dp::accountant::Step;
-use potluck_shared::dp::{Ledger, Refusal};
+use potluck_shared::dp::{Cap, Ledger, LedgerEntry, Refusal};
 use potluck_shared::model::{GlobalModel, Menu, OrderRecord};
 use potluck_shared::wire::codec;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -760,9 +760,12 @@ impl SiteStore {
         })
     }
 
-    /// The privacy ledger of a model lineage (empty if this site never trained for it).
-    pub fn ledger(&self, lineage: &str) -> Result<Ledger, StoreError> {
-        Ok(self.meta(&ledger_key(lineage))?.unwrap_or_default())
+    /// The privacy ledger of this site's customers: every round it took
+    /// part in, whatever lineage each was named.
+    pub fn ledger(&self) -> Result<Ledger, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+        self.read_ledger(&meta)
     }
 
     /// The popularity prior this site released under DP, if it has.
@@ -770,33 +773,27 @@ impl SiteStore {
         self.meta(PRIOR_KEY)
     }
 
-    /// Check a round (its `steps`) against the lineage's ledger and record
-    /// it, with the prior `release` it pays for, in one transaction: the
-    /// outer error is the store's, the inner a refusal.
+    /// Check a round (its `steps`) against the site's ledger and `cap` and
+    /// record it at `now`, with the prior `release` it pays for, in one
+    /// transaction: the outer error is the store's, the inner a refusal.
     pub fn spend_privacy(
         &self,
-        lineage: &str,
-        round: RoundId,
+        (lineage, round): (&str, RoundId),
         steps: &[Step],
-        max_epsilon: f64,
-        delta: f64,
+        cap: &Cap,
+        now: u64,
         release: Option<&PriorRelease>,
     ) -> Result<Result<f64, Refusal>, StoreError> {
-        let key = ledger_key(lineage);
         let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
-        let mut ledger: Ledger = {
+        let mut ledger = {
             let meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
-            let stored = meta.get(key.as_str()).map_err(|e| self.db_err(e))?;
-            match stored {
-                Some(bytes) => codec::decode(bytes.value()).map_err(|e| self.corrupt(e))?,
-                None => Ledger::default(),
-            }
+            self.read_ledger(&meta)?
         };
-        let outcome = ledger.spend(lineage, round, steps, max_epsilon, delta);
+        let outcome = ledger.spend((lineage, round), steps, cap, now);
         if outcome.is_ok() {
             let bytes = codec::encode(&ledger).map_err(|e| self.corrupt(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
-            meta.insert(key.as_str(), bytes.as_slice())
+            meta.insert(LEDGER_KEY, bytes.as_slice())
                 .map_err(|e| self.db_err(e))?;
             if let Some(release) = release {
                 let bytes = codec::encode(release).map_err(|e| self.corrupt(e))?;
@@ -806,6 +803,33 @@ impl SiteStore {
         }
         txn.commit().map_err(|e| self.db_err(e))?;
         Ok(outcome)
+    }
+
+    /// The site-wide ledger, or, in a store written before it existed, the
+    /// union of the per-lineage ledgers (their rounds never leave a window).
+    fn read_ledger(
+        &self,
+        meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    ) -> Result<Ledger, StoreError> {
+        if let Some(bytes) = meta.get(LEDGER_KEY).map_err(|e| self.db_err(e))? {
+            return codec::decode(bytes.value()).map_err(|e| self.corrupt(e));
+        }
+        let mut entries = Vec::new();
+        let legacy = meta
+            .range(LEGACY_LEDGER_PREFIX..LEGACY_LEDGER_END)
+            .map_err(|e| self.db_err(e))?;
+        for row in legacy {
+            let (key, bytes) = row.map_err(|e| self.db_err(e))?;
+            let lineage = key.value().trim_start_matches(LEGACY_LEDGER_PREFIX);
+            let old: LegacyLedger = codec::decode(bytes.value()).map_err(|e| self.corrupt(e))?;
+            entries.extend(old.entries.into_iter().map(|e| LedgerEntry {
+                lineage: lineage.to_string(),
+                round: e.round,
+                step: e.step,
+                at: None,
+            }));
+        }
+        Ok(Ledger { entries })
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -833,8 +857,24 @@ pub struct PriorRelease {
     pub counts: Vec<f64>,
 }
 
-fn ledger_key(lineage: &str) -> String {
-    format!("privacy-ledger/{lineage}")
+/// Where the site-wide privacy ledger is kept.
+const LEDGER_KEY: &str = "privacy-ledger";
+
+/// Per-lineage ledgers, as stores kept them before the site-wide one:
+/// `privacy-ledger/{lineage}` (the range ends at the character after '/').
+const LEGACY_LEDGER_PREFIX: &str = "privacy-ledger/";
+const LEGACY_LEDGER_END: &str = "privacy-ledger0";
+
+/// A per-lineage ledger as stores kept it before the site-wide one.
+#[derive(Deserialize)]
+struct LegacyLedger {
+    entries: Vec<LegacyEntry>,
+}
+
+#[derive(Deserialize)]
+struct LegacyEntry {
+    round: RoundId,
+    step: Step,
 }
 
 #[cfg(test)]
@@ -857,5 +897,67 @@ mod tests {
         });
         SiteStore::open_waiting(&path, Duration::from_secs(30)).unwrap();
         release.join().unwrap();
+    }
+
+    /// A store written when ledgers were kept per lineage: its rounds still
+    /// count, under their lineages, and the first new round is checked
+    /// against them all.
+    #[test]
+    fn per_lineage_ledgers_of_an_older_store_still_count() {
+        #[derive(Serialize)]
+        struct OldLedger {
+            entries: Vec<OldEntry>,
+        }
+        #[derive(Serialize)]
+        struct OldEntry {
+            round: RoundId,
+            step: Step,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = SiteStore::open(&dir.path().join("store.redb")).unwrap();
+        let step = Step::gaussian(0.5, 1.0);
+        for lineage in ["menu-v1", "menu-v2"] {
+            let old = OldLedger {
+                entries: vec![OldEntry {
+                    round: RoundId(1),
+                    step,
+                }],
+            };
+            let bytes = codec::encode(&old).unwrap();
+            store
+                .write(|txn| {
+                    let mut meta = txn.open_table(META)?;
+                    meta.insert(
+                        format!("{LEGACY_LEDGER_PREFIX}{lineage}").as_str(),
+                        bytes.as_slice(),
+                    )?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let ledger = store.ledger().unwrap();
+        let lineages: Vec<&str> = ledger.entries.iter().map(|e| e.lineage.as_str()).collect();
+        assert_eq!(lineages, ["menu-v1", "menu-v2"]);
+        let cap = Cap {
+            max_epsilon: ledger
+                .spent(
+                    &Cap {
+                        max_epsilon: 0.0,
+                        delta: 1e-6,
+                        window_secs: None,
+                    },
+                    0,
+                )
+                .epsilon
+                + 0.01,
+            delta: 1e-6,
+            window_secs: Some(86_400),
+        };
+        // A third name buys nothing, and old rounds never age out of the window.
+        let refused = store
+            .spend_privacy(("menu-v3", RoundId(2)), &[step], &cap, 10 * 86_400, None)
+            .unwrap();
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(store.ledger().unwrap().entries.len(), 2);
     }
 }

@@ -532,8 +532,14 @@ impl CoordinatorConfig {
                 potluck_shared::secagg::MIN_COHORT
             ));
         }
-        if self.secagg.threshold.is_some_and(|t| t < 2) {
-            return Err("secagg.threshold must be at least 2".into());
+        // A coordinator may not unmask with half a cohort or less; sites
+        // that assume colluders insist on more (their `[secure_aggregation]`).
+        let largest = r.cohort_size.unwrap_or(r.min_sites);
+        if let Some(t) = self.secagg.threshold.filter(|t| 2 * t <= largest) {
+            return Err(format!(
+                "secagg.threshold ({t}) must be more than half of the cohort \
+                 (rounds.cohort_size, or rounds.min_sites when unset: {largest})"
+            ));
         }
         if !(16..=32).contains(&self.secagg.modulus_bits) {
             return Err(format!(
@@ -751,7 +757,7 @@ impl CoordinatorConfig {
              learning_rate = 0.3\n\
              batch_size = 32\n\
              clip_norm = 10.0\n\
-             # scope = \"auto\"   # what rounds train: auto (head under DP, all without), all, linear, head\n\
+             # scope = \"auto\"   # what rounds train: auto (weights under DP, all without), all, linear, head, weights\n\
              noise_std = 0.01\n\
              \n\
              [secagg]\n\

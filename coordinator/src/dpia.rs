@@ -146,6 +146,7 @@ fn leaving(out: &mut String, f: &Facts<'_>) {
         |t| format!("at least {t} sites"),
     );
     let example = Setup::default_threshold(10);
+    let split = 2 * example - 10;
     let _ = writeln!(
         out,
         "## 3. What leaves a site\n\n\
@@ -154,8 +155,15 @@ fn leaving(out: &mut String, f: &Facts<'_>) {
          masks agreed with the other sites of the round and a self mask. The coordinator can \
          remove the masks only from the **sum** over the sites that finished the round, and \
          only with shares of the masking secrets from {threshold} (for a cohort of \
-         10 sites, {example} by default). Unmasking one site's vector on its own would need that many sites of \
-         the cohort to collude with the coordinator. Rounds need at least {} sites \
+         10 sites, {example} by default). A coordinator that follows the protocol would need that many \
+         sites of the cohort to collude with it to unmask one site's vector; one that deviates \
+         (showing two groups of sites different survivor lists) needs only 2t − n of them, \
+         {split} for {example} of 10. Every site signs the whole round setup, so sites cannot be \
+         shown different rounds, and each site refuses thresholds too low for the colluders it \
+         assumes (`[secure_aggregation] colluders` in `agent.toml`: 2t > n + colluders). \
+         These figures assume the franchise CA key is not in the coordinator's hands: whoever holds \
+         it can issue certificates in other sites' names and, with them, stand in for every peer of \
+         a site (see the threat model in `docs/architecture.md`). Rounds need at least {} sites \
          (`[rounds] min_sites`).\n\n\
          Each site also sends, for each global model version it receives, evaluation counts: \
          the number of its customers' held-out last orders and how many of them the model, \
@@ -206,7 +214,9 @@ fn privacy(out: &mut String, f: &Facts<'_>) {
          masking, so no party ever sees an un-noised sum. The budget is tracked by the \
          coordinator (a round that would exceed it is not started) and independently by every \
          site (`[privacy] max_epsilon` in `agent.toml`, default 8), which refuses rounds past its \
-         own limit.\n\
+         own limit, counting every round it took part in whatever lineage the coordinator named \
+         it (over `[privacy] window_days` if the site sets one), and charging itself only for \
+         the noise of the sites it does not assume to collude.\n\
          - **Customers of several restaurants:** each site knows a person only by its own \
          customer identifier, so someone who is a customer of k sites counts as k unlinked \
          customers; their protection is that of a group of k (roughly k·ε).\n\

@@ -473,15 +473,10 @@ impl Driver {
             self.rollback = Some(request.id);
             self.coordinator.rollback(model.version, model.params, now);
         }
-        let revoked: Vec<SiteId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| self.state.is_revoked(&p.fingerprint).unwrap_or(false))
-            .map(|(site, _)| site.clone())
-            .collect();
-        for site in revoked {
-            warn!(%site, "certificate revoked; closing the site's connection");
-            self.drop_peer(&site, CloseCode::Unauthorized, "certificate revoked", now);
+        let fingerprints = self.peers.iter().map(|(s, p)| (s, p.fingerprint.as_str()));
+        for (site, reason) in to_disconnect(fingerprints, |f| self.state.is_revoked(f)) {
+            warn!(%site, %reason, "closing the site's connection");
+            self.drop_peer(&site, CloseCode::Unauthorized, &reason, now);
         }
         Ok(())
     }
@@ -674,6 +669,17 @@ impl Driver {
                 warn!(%site, %round, %reason, "site declined the round");
                 self.summary.declined.push((site, round, reason));
             }
+            CoordinatorEvent::SiteMisbehaved {
+                site,
+                round,
+                reason,
+            } => {
+                warn!(%site, %round, %reason, "site broke the secure aggregation protocol");
+                self.state.audit(
+                    "site_misbehaved",
+                    serde_json::json!({"site": site, "round": round.0, "reason": reason}),
+                )?;
+            }
             CoordinatorEvent::PrivacySpent {
                 round,
                 step,
@@ -832,6 +838,22 @@ struct Handshake {
     max_frame: usize,
     /// Read at each handshake, so a revocation made by another process counts at once.
     state_dir: std::path::PathBuf,
+}
+
+/// The connected sites to close, with why: those whose certificate is
+/// revoked, and those whose revocation cannot be checked (a connection fails
+/// closed, as a handshake does).
+fn to_disconnect<'a, E: std::fmt::Display>(
+    peers: impl Iterator<Item = (&'a SiteId, &'a str)>,
+    is_revoked: impl Fn(&str) -> Result<bool, E>,
+) -> Vec<(SiteId, String)> {
+    peers
+        .filter_map(|(site, fingerprint)| match is_revoked(fingerprint) {
+            Ok(false) => None,
+            Ok(true) => Some((site.clone(), "certificate revoked".to_string())),
+            Err(e) => Some((site.clone(), format!("cannot check revocations: {e}"))),
+        })
+        .collect()
 }
 
 impl Handshake {
@@ -1004,5 +1026,38 @@ async fn read_loop(
             Err(TransportError::Stream(_)) => return Ok(()), // the connection ended
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database that fails while sites are connected must not leave a
+    /// revoked site connected: the check fails closed.
+    #[test]
+    fn a_revocation_check_that_fails_closes_the_connection() {
+        let (a, b, c) = (
+            SiteId::new("a").unwrap(),
+            SiteId::new("b").unwrap(),
+            SiteId::new("c").unwrap(),
+        );
+        let peers = [(&a, "fa"), (&b, "fb"), (&c, "fc")];
+        let check = |f: &str| match f {
+            "fa" => Ok(false),
+            "fb" => Ok(true),
+            _ => Err("database is locked"),
+        };
+        let closed = to_disconnect(peers.into_iter(), check);
+        assert_eq!(
+            closed,
+            vec![
+                (b, "certificate revoked".to_string()),
+                (
+                    c,
+                    "cannot check revocations: database is locked".to_string()
+                ),
+            ]
+        );
     }
 }

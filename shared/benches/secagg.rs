@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use potluck_shared::secagg::{
-    Client, ClientMessage, Encoding, Outcome, PeerVerifier, Server, ServerMessage, Setup,
+    Client, ClientMessage, Encoding, Floor, Outcome, PeerVerifier, Server, ServerMessage, Setup,
     SiteSigner,
 };
 use potluck_shared::tls::{self, Validity};
@@ -185,6 +185,11 @@ struct Site {
     drops: bool,
 }
 
+/// The round's other parameters, the same for every site. The vector length
+/// is not in the signed setup (the caller's context covers it), which is what
+/// lets the unmeasured sites run on one-element vectors here.
+const CONTEXT: [u8; 32] = [1; 32];
+
 fn setup(pki: &Pki, length: usize) -> Setup {
     let cohort: Vec<SiteId> = pki.certs.keys().cloned().collect();
     let n = cohort.len();
@@ -220,8 +225,8 @@ fn round(meter: &mut ServerMeter, pki: &Pki, length: usize, dropout_pct: usize, 
     let stand_in: Vec<u32> = (0..length).map(|_| rng.random()).collect();
 
     meter.reset();
-    let mut server =
-        meter.run(|| Server::new(round, full.clone(), pki.certs.clone()).expect("server"));
+    let mut server = meter
+        .run(|| Server::new(round, full.clone(), &CONTEXT, pki.certs.clone()).expect("server"));
     let mut sites: BTreeMap<SiteId, Site> = BTreeMap::new();
     for (i, signer) in pki.signers.iter().enumerate() {
         let measured = i == 0;
@@ -231,8 +236,18 @@ fn round(meter: &mut ServerMeter, pki: &Pki, length: usize, dropout_pct: usize, 
             light.clone()
         };
         let start = Instant::now();
-        let client = Client::new(round, setup, signer.clone(), pki.verifier.clone(), &mut rng)
-            .expect("client");
+        let verifier = pki.verifier.clone();
+        let floor = Floor::default();
+        let client = Client::new(
+            round,
+            setup,
+            &CONTEXT,
+            signer.clone(),
+            verifier,
+            &floor,
+            &mut rng,
+        )
+        .expect("client");
         if measured {
             cost.client += start.elapsed();
         }

@@ -51,6 +51,18 @@ pub fn agent_toml(
          delta = 1e-6\n\
          require = true\n\
          \n\
+         # The least this site accepts of secure aggregation, whatever the\n\
+         # coordinator proposes: the smallest cohort, and how many cohort members\n\
+         # it assumes may collude with the coordinator. Each assumed colluder\n\
+         # raises the threshold this site needs (2t > n + colluders) and the\n\
+         # privacy it charges itself (only t - colluders sites' noise counts).\n\
+         [secure_aggregation]\n\
+         min_cohort = 3\n\
+         colluders = 0\n\
+         # Refuse private rounds whose noise multiplier, counting only the honest\n\
+         # survivors' noise, is below this (0: no floor).\n\
+         min_noise_multiplier = 0.0\n\
+         \n\
          # What is kept of the orders CSV, and for how long. The order columns\n\
          # (customer_id, order_id, timestamp, item_id, quantity) and consent are\n\
          # always kept; other columns only if declared here, and only as\n\

@@ -119,11 +119,15 @@ pub async fn read_message<T: DeserializeOwned>(
         }
     }
     let len = frame::body_len(header, max_frame)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => TransportError::Truncated,
-        quinn::ReadExactError::ReadError(e) => TransportError::Stream(e.to_string()),
-    })?;
+    let mut body = frame::Body::new(len);
+    while body.remaining() > 0 {
+        match recv.read_chunk(body.remaining(), true).await {
+            Ok(Some(chunk)) => body.push(&chunk.bytes),
+            Ok(None) => return Err(TransportError::Truncated),
+            Err(e) => return Err(TransportError::Stream(e.to_string())),
+        }
+    }
+    let body = body.finish().ok_or(TransportError::Truncated)?;
     Ok(Some((codec::decode(&body)?, HEADER_LEN + len)))
 }
 

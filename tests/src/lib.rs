@@ -184,6 +184,7 @@ pub fn agent_config(site: &SiteId, dir: &Path, coordinator: SocketAddr) -> Agent
         },
         limits: Limits::default(),
         privacy: Default::default(),
+        secure_aggregation: Default::default(),
         data: Default::default(),
         api: Default::default(),
     }

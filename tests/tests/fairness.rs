@@ -85,6 +85,7 @@ fn sites(ca: &tls::Credentials, verifier: &PeerVerifier) -> (Vec<Site>, Menu) {
             let identity = SecAggIdentity {
                 signer: Arc::new(SiteSigner::new(&cert, &key).unwrap()),
                 verifier: verifier.clone(),
+                floor: Default::default(),
             };
             Site {
                 id: site.site.clone(),

@@ -94,8 +94,10 @@ async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyh
     }
     for i in 0..3 {
         let store = SiteStore::open(&f.store_path(i)?)?;
+        let ledger = store.ledger()?;
+        assert!(ledger.entries.iter().all(|e| e.lineage == "default"));
         assert_eq!(
-            store.ledger("default")?.entries.len(),
+            ledger.entries.len(),
             3,
             "two rounds and the prior release they paid for; the refused round is not recorded"
         );

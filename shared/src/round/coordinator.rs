@@ -204,6 +204,17 @@ pub enum CoordinatorEvent {
         /// Its reason.
         reason: String,
     },
+    /// A site broke the secure aggregation protocol in a way found only at
+    /// the round's end (a false unmask share); the round went on without it
+    /// where the threshold allowed.
+    SiteMisbehaved {
+        /// The site.
+        site: SiteId,
+        /// The round.
+        round: RoundId,
+        /// What it did.
+        reason: String,
+    },
     /// A private round is about to open: record its cost durably before
     /// sending anything, so privacy spent is never undercounted.
     PrivacySpent {
@@ -952,7 +963,17 @@ impl Coordinator {
                     self.config.secagg_phase_timeout
                 };
         }
-        match secure.server.poll_outcome() {
+        let outcome = secure.server.poll_outcome();
+        if outcome.is_some() {
+            for (site, reason) in secure.server.faults() {
+                self.events.push_back(CoordinatorEvent::SiteMisbehaved {
+                    site: site.clone(),
+                    round,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        match outcome {
             Some(Outcome::Completed { sum, contributors }) if t.audit.is_some() => {
                 let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Idle) else {
                     return;
@@ -1056,6 +1077,18 @@ impl Coordinator {
         };
         setup.check().map_err(|e| e.to_string())?;
         Ok((setup, privacy))
+    }
+
+    /// The secure aggregation server for `task`, bound to the digest of the
+    /// task that the cohort's sites sign.
+    fn secagg_server(&self, task: &RoundTask, setup: &Setup) -> Result<secagg::Server, String> {
+        let certs = setup
+            .cohort
+            .iter()
+            .map(|s| (s.clone(), self.certs.get(s).cloned().unwrap_or_default()))
+            .collect();
+        let context = task.digest().map_err(|e| e.to_string())?;
+        secagg::Server::new(task.round, setup.clone(), &context, certs).map_err(|e| e.to_string())
     }
 
     /// Charge a private round to the budget, or stop training if it does not fit.
@@ -1202,33 +1235,37 @@ impl Coordinator {
             Some(size) => cohort(&self.connected, size, self.config.cohort_seed, round),
             None => self.connected.clone(),
         };
-        let mut privacy = None;
-        let (setup, server) = if self.config.secure_aggregation {
-            let certs = cohort
-                .iter()
-                .map(|s| (s.clone(), self.certs.get(s).cloned().unwrap_or_default()))
-                .collect();
-            match self.secagg_setup(round, &cohort).and_then(|(setup, p)| {
-                privacy = p;
-                Ok((
-                    setup.clone(),
-                    secagg::Server::new(round, setup, certs).map_err(|e| e.to_string())?,
-                ))
-            }) {
-                Ok((setup, server)) => (Some(setup), Some(server)),
+        let (setup, privacy) = if self.config.secure_aggregation {
+            match self.secagg_setup(round, &cohort) {
+                Ok((setup, privacy)) => (Some(setup), privacy),
                 Err(reason) => {
                     self.next_round = round.next();
-                    self.abandon(
-                        round,
-                        0,
-                        format!("cannot open a secure round: {reason}"),
-                        now,
-                    );
-                    return;
+                    let reason = format!("cannot open a secure round: {reason}");
+                    return self.abandon(round, 0, reason, now);
                 }
             }
         } else {
             (None, None)
+        };
+        let task = RoundTask {
+            round,
+            model_version: self.model.version,
+            spec_hash: self.spec_hash,
+            settings: self.round_settings(),
+            secagg: setup.clone(),
+            privacy: privacy.clone(),
+            audit: None,
+        };
+        let server = match &setup {
+            Some(setup) => match self.secagg_server(&task, setup) {
+                Ok(server) => Some(server),
+                Err(reason) => {
+                    self.next_round = round.next();
+                    let reason = format!("cannot open a secure round: {reason}");
+                    return self.abandon(round, 0, reason, now);
+                }
+            },
+            None => None,
         };
         let privacy = match (privacy, &setup) {
             (Some(p), Some(setup)) => match self.charge(round, setup, &p) {
@@ -1239,15 +1276,7 @@ impl Coordinator {
             _ => None,
         };
         self.next_round = round.next();
-        let task = CoordinatorMessage::RoundOpen(Box::new(RoundTask {
-            round,
-            model_version: self.model.version,
-            spec_hash: self.spec_hash,
-            settings: self.round_settings(),
-            secagg: setup,
-            privacy: privacy.as_ref().map(|(p, _)| p.clone()),
-            audit: None,
-        }));
+        let task = CoordinatorMessage::RoundOpen(Box::new(task));
         let task = Arc::new(task);
         for site in &cohort {
             self.send(site.clone(), task.clone());
@@ -1472,14 +1501,18 @@ impl Coordinator {
             );
             return self.abandon_audit(round, run, reason, false, now);
         }
-        let certs = setup
-            .cohort
-            .iter()
-            .map(|s| (s.clone(), self.certs.get(s).cloned().unwrap_or_default()))
-            .collect();
-        let server = match secagg::Server::new(round, setup.clone(), certs) {
+        let task = RoundTask {
+            round,
+            model_version: self.model.version,
+            spec_hash: self.spec_hash,
+            settings: self.config.settings.clone(),
+            secagg: Some(setup.clone()),
+            privacy: Some(privacy.clone()),
+            audit: Some(spec.clone()),
+        };
+        let server = match self.secagg_server(&task, &setup) {
             Ok(server) => server,
-            Err(e) => return self.abandon_audit(round, run, e.to_string(), true, now),
+            Err(e) => return self.abandon_audit(round, run, e, true, now),
         };
         self.spent.compose(&step, 1);
         self.events.push_back(CoordinatorEvent::PrivacySpent {
@@ -1488,15 +1521,7 @@ impl Coordinator {
             prior: None,
             epsilon,
         });
-        let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(RoundTask {
-            round,
-            model_version: self.model.version,
-            spec_hash: self.spec_hash,
-            settings: self.config.settings.clone(),
-            secagg: Some(setup.clone()),
-            privacy: Some(privacy.clone()),
-            audit: Some(spec.clone()),
-        })));
+        let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(task)));
         for site in &setup.cohort {
             self.send(site.clone(), task.clone());
         }

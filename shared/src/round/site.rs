@@ -72,6 +72,8 @@ pub struct SecAggIdentity {
     pub signer: Arc<SiteSigner>,
     /// Checks peers' certificates against the franchise CA.
     pub verifier: PeerVerifier,
+    /// The least this site accepts of a round's secure aggregation.
+    pub floor: secagg::Floor,
 }
 
 /// A site's side of the round lifecycle.
@@ -303,11 +305,16 @@ impl SiteSession {
             .identity
             .as_ref()
             .ok_or("this agent has no signing identity for secure aggregation")?;
+        let context = task
+            .digest()
+            .map_err(|e| format!("cannot digest the round: {e}"))?;
         let client = secagg::Client::new(
             task.round,
             setup.clone(),
+            &context,
             identity.signer.clone(),
             identity.verifier.clone(),
+            &identity.floor,
             rng,
         )
         .map_err(|e| format!("secure aggregation refused: {e}"))?;
@@ -400,6 +407,8 @@ impl SiteSession {
                         .to_string(),
                 ),
             };
+            let floor = self.identity.as_ref().map(|i| i.floor).unwrap_or_default();
+            let checked = checked.and_then(|()| noise_floor(&task, &floor));
             if let Err(reason) = checked {
                 self.decline(task.round, format!("privacy settings refused: {reason}"));
                 return;
@@ -437,10 +446,25 @@ fn check_training_shape(task: &RoundTask, model: &GlobalModel) -> Result<(), Str
     }
 }
 
+/// Refuse a private round whose noise, counting only the honest survivors'
+/// share of it, is below this site's floor.
+pub(super) fn noise_floor(task: &RoundTask, floor: &secagg::Floor) -> Result<(), String> {
+    let z = privacy_step(task, floor).map_or(0.0, |s| s.noise_multiplier);
+    if z < floor.min_noise_multiplier {
+        return Err(format!(
+            "noise multiplier {z:.3} (the noise of the threshold less {} assumed colluders) is \
+             below this site's minimum {}",
+            floor.colluders, floor.min_noise_multiplier
+        ));
+    }
+    Ok(())
+}
+
 /// What a private round costs this site, from the noise it adds, the bound it
-/// rounds to and the survivors its secure aggregation insists on; `None` for a
-/// round without privacy.
-pub fn privacy_step(task: &RoundTask) -> Option<Step> {
+/// rounds to and the survivors its secure aggregation insists on, less the
+/// colluders its `floor` assumes add none; `None` for a round without privacy.
+pub fn privacy_step(task: &RoundTask, floor: &secagg::Floor) -> Option<Step> {
     let (privacy, setup) = (task.privacy.as_ref()?, task.secagg.as_ref()?);
-    Some(privacy.step(setup.cohort.len(), setup.threshold, setup.length))
+    let honest = floor.honest_survivors(setup.threshold);
+    Some(privacy.step(setup.cohort.len(), honest, setup.length))
 }

@@ -26,6 +26,9 @@ enum Behaviour {
     Silent,
 }
 
+/// A rewrite of a message to a site.
+type Rewrite = dyn FnMut(&SiteId, &mut CoordinatorMessage);
+
 struct Harness {
     /// Whether group "b" gets no hits in audits (a biased model).
     biased: bool,
@@ -40,6 +43,8 @@ struct Harness {
     rng: rand::rngs::StdRng,
     ca: crate::tls::Credentials,
     verifier: crate::secagg::PeerVerifier,
+    /// A dishonest coordinator's rewrite of what it sends each site.
+    tamper: Option<Box<Rewrite>>,
 }
 
 fn site(i: usize) -> SiteId {
@@ -75,6 +80,7 @@ impl Harness {
             rng: rand::rngs::StdRng::seed_from_u64(9),
             verifier: crate::secagg::PeerVerifier::new(ca_der).unwrap(),
             ca,
+            tamper: None,
         };
         for i in 0..n {
             h.connect(site(i), Behaviour::Honest);
@@ -91,6 +97,7 @@ impl Harness {
         let identity = SecAggIdentity {
             signer: std::sync::Arc::new(crate::secagg::SiteSigner::new(&cert, &key).unwrap()),
             verifier: self.verifier.clone(),
+            floor: crate::secagg::Floor::default(),
         };
         let mut session = SiteSession::new("test", Some(identity));
         let hello = session.poll_transmit().unwrap();
@@ -137,9 +144,13 @@ impl Harness {
             }
             while let Some(t) = self.coordinator.poll_transmit() {
                 progressed = true;
+                let mut message = (*t.message).clone();
+                if let Some(tamper) = &mut self.tamper {
+                    tamper(&t.to, &mut message);
+                }
                 if let Some((session, _)) = self.sites.get_mut(&t.to) {
                     session
-                        .handle_message((*t.message).clone(), SystemTime::now(), &mut self.rng)
+                        .handle_message(message, SystemTime::now(), &mut self.rng)
                         .unwrap();
                 }
             }
@@ -1249,4 +1260,97 @@ fn a_site_refuses_round_parameters_that_would_crash_it_or_make_it_work_without_l
         let reason = refusal(&mut h, &site(0), task).expect("refused");
         assert!(reason.contains(field), "{field}: {reason}");
     }
+}
+
+/// Attack: the coordinator shows one site a round with other privacy
+/// parameters (less noise asked of it, so that its update stands out in the
+/// sum). Every site signs a digest of the whole task it was sent, so the
+/// sites refuse each other's keys and no sum is ever unmasked.
+#[test]
+fn sites_sent_different_round_parameters_never_sum_together() {
+    let mut h = Harness::new(0, private_config(100.0));
+    h.tamper = Some(Box::new(|to: &SiteId, message: &mut CoordinatorMessage| {
+        if let CoordinatorMessage::RoundOpen(task) = message
+            && *to == site(0)
+            && let Some(privacy) = &mut task.privacy
+        {
+            privacy.local_variance /= 4.0;
+        }
+    }));
+    for i in 0..4 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    h.advance(Duration::from_secs(1));
+    h.advance(Duration::from_secs(600));
+    assert!(
+        h.completed().is_empty(),
+        "a round with split parameters completed"
+    );
+    assert!(h.abandoned() >= 1);
+    let declined: Vec<&String> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::SiteDeclined { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert!(!declined.is_empty());
+    assert!(
+        declined.iter().all(|r| r.contains("not signed")),
+        "{declined:?}"
+    );
+}
+
+/// A site that assumes `c` cohort members collude with the coordinator
+/// counts only the other survivors' noise: it charges its ledger more.
+#[test]
+fn a_site_assuming_colluders_charges_itself_for_the_honest_survivors_noise_only() {
+    let h = Harness::new(4, private_config(100.0));
+    let model = h.coordinator.model().clone();
+    let privacy = crate::dp::RoundPrivacy::plan(
+        "lineage",
+        crate::dp::PrivacyUnit::Customer,
+        0.1,
+        1.0,
+        1.0,
+        1e-6,
+        8,
+        10,
+        7,
+        32,
+    )
+    .unwrap()
+    .0;
+    let task = crate::wire::RoundTask {
+        round: RoundId(1),
+        model_version: model.version,
+        spec_hash: model.spec.hash(),
+        settings: RoundConfig::default().settings,
+        secagg: Some(crate::secagg::Setup {
+            cohort: (0..10).map(site).collect(),
+            threshold: 7,
+            encoding: crate::secagg::Encoding::new(32, 10.0, 10).unwrap(),
+            length: 8,
+        }),
+        privacy: Some(privacy),
+        audit: None,
+    };
+    let trusting = privacy_step(&task, &crate::secagg::Floor::default()).unwrap();
+    let wary = crate::secagg::Floor {
+        colluders: 3,
+        ..Default::default()
+    };
+    let charged = privacy_step(&task, &wary).unwrap();
+    let ratio = charged.noise_multiplier / trusting.noise_multiplier;
+    assert!((ratio - (4.0f64 / 7.0).sqrt()).abs() < 1e-9, "{ratio}");
+    // A noise floor between the two refuses the round only for the wary site.
+    let floor = |colluders| crate::secagg::Floor {
+        colluders,
+        min_noise_multiplier: 0.9 * trusting.noise_multiplier,
+        ..Default::default()
+    };
+    assert_eq!(site::noise_floor(&task, &floor(0)), Ok(()));
+    let refused = site::noise_floor(&task, &floor(3)).unwrap_err();
+    assert!(refused.contains("below this site's minimum"), "{refused}");
 }

@@ -8,7 +8,9 @@ use zeroize::Zeroizing;
 
 use super::crypto::{self, ScalarPart};
 use super::identity::{PeerVerifier, SiteSigner, signature_valid};
-use super::{ClientError, ClientMessage, RosterEntry, ServerMessage, Setup};
+use super::{
+    ClientError, ClientMessage, Floor, RosterEntry, ServerMessage, Setup, ShareCommitments,
+};
 use crate::ids::{RoundId, SiteId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,8 @@ struct Peer {
 pub struct Client {
     round: RoundId,
     setup: Setup,
+    /// What this site signs the round as ([`crypto::setup_digest`]).
+    digest: [u8; 32],
     me: SiteId,
     signer: Arc<SiteSigner>,
     verifier: PeerVerifier,
@@ -68,14 +72,23 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// Start a round: draw fresh keys and queue the signed advertisement.
+    ///
+    /// `context` is a digest of the round's parameters outside secure
+    /// aggregation, as this site received them; it is signed with the setup,
+    /// so the round fails unless every site was sent the same. `floor` is
+    /// this site's own minimum.
     pub fn new<R: CryptoRng + ?Sized>(
         round: RoundId,
         setup: Setup,
+        context: &[u8; 32],
         signer: Arc<SiteSigner>,
         verifier: PeerVerifier,
+        floor: &Floor,
         rng: &mut R,
     ) -> Result<Self, ClientError> {
         setup.check()?;
+        floor.check(&setup)?;
+        let digest = crypto::setup_digest(&setup, context);
         let me = signer.site().clone();
         if setup.index_of(&me).is_none() {
             return Err(ClientError::NotInCohort);
@@ -86,11 +99,7 @@ impl Client {
         let cipher_pk = crypto::x25519_public(&cipher_secret);
         let mask_pk = crypto::x25519_public(&mask_secret);
         let signature = signer.sign(&crypto::advertise_transcript(
-            round,
-            &setup.cohort,
-            &me,
-            &cipher_pk,
-            &mask_pk,
+            round, &digest, &me, &cipher_pk, &mask_pk,
         ));
         let mut outbox = VecDeque::new();
         outbox.push_back(ClientMessage::AdvertiseKeys {
@@ -101,6 +110,7 @@ impl Client {
         Ok(Self {
             round,
             setup,
+            digest,
             me,
             signer,
             verifier,
@@ -189,8 +199,9 @@ impl Client {
         }
         self.threshold_met(self.peers.len())?;
         let n = self.setup.cohort.len();
-        let mask_parts = crypto::split(&self.mask_secret, self.setup.threshold, n, rng);
-        let self_parts = crypto::split(&self.self_secret, self.setup.threshold, n, rng);
+        let (mask_parts, mask_key) = crypto::split(&self.mask_secret, self.setup.threshold, n, rng);
+        let (self_parts, self_mask) =
+            crypto::split(&self.self_secret, self.setup.threshold, n, rng);
         let mut sealed = Vec::with_capacity(self.peers.len());
         for (site, peer) in &self.peers {
             let i = self.index(site) as usize - 1;
@@ -208,8 +219,13 @@ impl Client {
                 crypto::seal(&key, self.round, &self.me, site, plain.as_ref()),
             ));
         }
-        self.outbox
-            .push_back(ClientMessage::EncryptedShares(sealed));
+        self.outbox.push_back(ClientMessage::EncryptedShares {
+            shares: sealed,
+            commitments: ShareCommitments {
+                mask_key,
+                self_mask,
+            },
+        });
         self.phase = Phase::SharesSent;
         Ok(())
     }
@@ -229,7 +245,7 @@ impl Client {
         }
         let transcript = crypto::advertise_transcript(
             self.round,
-            &self.setup.cohort,
+            &self.digest,
             &entry.site,
             &entry.cipher_pk,
             &entry.mask_pk,
@@ -327,7 +343,7 @@ impl Client {
             return Err(ClientError::BadSurvivors("this site is not on it".into()));
         }
         self.threshold_met(survivors.len())?;
-        let transcript = crypto::survivors_transcript(self.round, &self.setup.cohort, &survivors);
+        let transcript = crypto::survivors_transcript(self.round, &self.digest, &survivors);
         self.outbox.push_back(ClientMessage::SurvivorSignature(
             self.signer.sign(&transcript),
         ));
@@ -351,7 +367,7 @@ impl Client {
                 "not the list this site signed".into(),
             ));
         }
-        let transcript = crypto::survivors_transcript(self.round, &self.setup.cohort, &survivors);
+        let transcript = crypto::survivors_transcript(self.round, &self.digest, &survivors);
         let mut signers = BTreeSet::new();
         for (signer, signature) in &signatures {
             // The threshold of agreeing survivors is what the check needs;

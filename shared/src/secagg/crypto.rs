@@ -6,19 +6,20 @@
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20poly1305::ChaCha20Poly1305;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use curve25519_dalek::ristretto::{CompressedRistretto, RistrettoPoint};
 use curve25519_dalek::scalar::Scalar;
 use rand::CryptoRng;
 use sha2::{Digest, Sha256};
 #[cfg(test)]
 use vsss_rs::ReadableShareSet;
-use vsss_rs::{DefaultShare, IdentifierPrimeField, Share, shamir};
+use vsss_rs::{DefaultShare, FeldmanVerifierSet, IdentifierPrimeField, Share, ValueGroup, feldman};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
 use crate::ids::{RoundId, SiteId};
 
 /// Domain separation for every key derivation and signature.
-const DOMAIN: &[u8] = b"potluck-secagg-v1";
+const DOMAIN: &[u8] = b"potluck-secagg-v2";
 
 type ScalarShare = DefaultShare<IdentifierPrimeField<Scalar>, IdentifierPrimeField<Scalar>>;
 
@@ -48,17 +49,24 @@ pub struct ScalarPart {
     pub value: [u8; 32],
 }
 
-/// Split `secret` into one share per holder index `1..=n`, any `threshold` of which rebuild it.
+/// Split `secret` into one share per holder index `1..=n`, any `threshold` of
+/// which rebuild it, with Feldman commitments to the sharing polynomial
+/// (vsss-rs): anyone holding them can tell a true share from a false one.
 pub fn split<R: CryptoRng + ?Sized>(
     secret: &Scalar,
     threshold: usize,
     n: usize,
     rng: &mut R,
-) -> Vec<ScalarPart> {
-    let shares =
-        shamir::split_secret::<ScalarShare>(threshold, n, &IdentifierPrimeField(*secret), rng)
-            .expect("threshold checked against the cohort at round start");
-    shares
+) -> (Vec<ScalarPart>, Vec<[u8; 32]>) {
+    let (shares, verifiers) = feldman::split_secret::<ScalarShare, Verifier>(
+        threshold,
+        n,
+        &IdentifierPrimeField(*secret),
+        None,
+        rng,
+    )
+    .expect("threshold checked against the cohort at round start");
+    let parts = shares
         .into_iter()
         .zip(1u32..)
         .map(|(share, index)| {
@@ -68,7 +76,58 @@ pub fn split<R: CryptoRng + ?Sized>(
                 value: share.value().0.to_bytes(),
             }
         })
-        .collect()
+        .collect();
+    // The set starts with the generator, which every verifier knows.
+    let commitments = verifiers[1..]
+        .iter()
+        .map(|v| v.0.compress().to_bytes())
+        .collect();
+    (parts, commitments)
+}
+
+/// A Feldman verifier: a Ristretto point.
+type Verifier = ValueGroup<RistrettoPoint>;
+
+/// Feldman commitments to one sharing polynomial, decoded; the first commits
+/// to the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commitments(Vec<RistrettoPoint>);
+
+impl Commitments {
+    /// Decode `threshold` compressed points; `None` if any is not a point.
+    pub fn decode(bytes: &[[u8; 32]], threshold: usize) -> Option<Self> {
+        if bytes.len() != threshold {
+            return None;
+        }
+        bytes
+            .iter()
+            .map(|b| CompressedRistretto(*b).decompress())
+            .collect::<Option<_>>()
+            .map(Self)
+    }
+
+    /// Whether `secret` is the one committed to.
+    pub fn commit_to(&self, secret: &Scalar) -> bool {
+        self.0
+            .first()
+            .is_some_and(|c| *c == RistrettoPoint::mul_base(secret))
+    }
+
+    /// Whether `part` lies on the committed polynomial.
+    pub fn admit(&self, part: &ScalarPart) -> bool {
+        let Some(value) = Option::<Scalar>::from(Scalar::from_canonical_bytes(part.value)) else {
+            return false;
+        };
+        let set: Vec<Verifier> = std::iter::once(RistrettoPoint::mul_base(&Scalar::ONE))
+            .chain(self.0.iter().copied())
+            .map(ValueGroup)
+            .collect();
+        let share = ScalarShare::with_identifier_and_value(
+            IdentifierPrimeField(Scalar::from(u64::from(part.index))),
+            IdentifierPrimeField(value),
+        );
+        FeldmanVerifierSet::<ScalarShare, Verifier>::verify_share(&set, &share).is_ok()
+    }
 }
 
 /// Rebuild a scalar from shares with vsss-rs: the reference [`Reconstruction`] is checked against.
@@ -312,7 +371,7 @@ pub fn modulus_mask(bits: u32) -> u32 {
 /// The bytes a site signs to advertise its round keys.
 pub fn advertise_transcript(
     round: RoundId,
-    cohort: &[SiteId],
+    setup: &[u8; 32],
     site: &SiteId,
     c_pk: &[u8; 32],
     s_pk: &[u8; 32],
@@ -320,7 +379,7 @@ pub fn advertise_transcript(
     let mut t = DOMAIN.to_vec();
     t.extend_from_slice(b"/advertise");
     t.extend_from_slice(&round.0.to_be_bytes());
-    t.extend_from_slice(&cohort_digest(cohort));
+    t.extend_from_slice(setup);
     t.extend_from_slice(&(site.as_str().len() as u32).to_be_bytes());
     t.extend_from_slice(site.as_str().as_bytes());
     t.extend_from_slice(c_pk);
@@ -329,13 +388,35 @@ pub fn advertise_transcript(
 }
 
 /// The bytes a site signs to agree on the survivor list.
-pub fn survivors_transcript(round: RoundId, cohort: &[SiteId], survivors: &[SiteId]) -> Vec<u8> {
+pub fn survivors_transcript(round: RoundId, setup: &[u8; 32], survivors: &[SiteId]) -> Vec<u8> {
     let mut t = DOMAIN.to_vec();
     t.extend_from_slice(b"/survivors");
     t.extend_from_slice(&round.0.to_be_bytes());
-    t.extend_from_slice(&cohort_digest(cohort));
+    t.extend_from_slice(setup);
     t.extend_from_slice(&cohort_digest(survivors));
     t
+}
+
+/// SHA-256 over what the sites of a round must agree on: the cohort, the
+/// threshold, the encoding and the caller's `context` (a digest of the
+/// round's other parameters). Both transcripts carry it, so sites shown
+/// different rounds cannot agree. The vector length is left to the context
+/// (the round layer's task digest covers it): the coordinator refuses a
+/// masked input of any other length, so a site shown another length only
+/// drops out.
+pub fn setup_digest(setup: &super::Setup, context: &[u8; 32]) -> [u8; 32] {
+    let encoding = &setup.encoding;
+    let mut h = Sha256::new();
+    h.update(DOMAIN);
+    h.update(b"/setup");
+    h.update(cohort_digest(&setup.cohort));
+    h.update((setup.threshold as u64).to_be_bytes());
+    h.update(encoding.bits.to_be_bytes());
+    h.update(encoding.scale.to_bits().to_be_bytes());
+    h.update(encoding.bound.to_bits().to_be_bytes());
+    h.update(encoding.noise_margin.to_bits().to_be_bytes());
+    h.update(context);
+    h.finalize().into()
 }
 
 /// SHA-256 over a list of site IDs, each length-prefixed.
@@ -357,7 +438,7 @@ mod tests {
     fn shares_rebuild_the_secret_from_any_threshold_subset() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let secret = random_scalar(&mut rng);
-        let parts = split(&secret, 3, 5, &mut rng);
+        let (parts, _) = split(&secret, 3, 5, &mut rng);
         assert_eq!(parts.len(), 5);
         assert_eq!(combine(&[parts[0], parts[2], parts[4]]), Some(secret));
         assert_eq!(combine(&[parts[1], parts[3], parts[4]]), Some(secret));
@@ -381,7 +462,7 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let t = ((n as f64 * t_frac) as usize).clamp(2, n);
             let secret = random_scalar(&mut rng);
-            let parts = split(&secret, t, n, &mut rng);
+            let (parts, _) = split(&secret, t, n, &mut rng);
             // Any t holders, in any order.
             let mut holders: Vec<usize> = (0..n).collect();
             for (i, p) in pick.iter().enumerate().take(n) {
@@ -394,6 +475,29 @@ mod tests {
             proptest::prop_assert_eq!(batched, Some(secret));
             proptest::prop_assert_eq!(batched, combine(&chosen));
         }
+    }
+
+    #[test]
+    fn commitments_tell_true_shares_and_the_true_secret_from_false_ones() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let secret = random_scalar(&mut rng);
+        let (parts, bytes) = split(&secret, 3, 5, &mut rng);
+        let commitments = Commitments::decode(&bytes, 3).unwrap();
+        assert!(commitments.commit_to(&secret));
+        assert!(!commitments.commit_to(&random_scalar(&mut rng)));
+        assert!(parts.iter().all(|p| commitments.admit(p)));
+        let mut forged = parts[1];
+        forged.value = random_scalar(&mut rng).to_bytes();
+        assert!(!commitments.admit(&forged));
+        let moved = ScalarPart {
+            index: 3,
+            ..parts[1]
+        };
+        assert!(!commitments.admit(&moved), "a true share at another index");
+        assert!(Commitments::decode(&bytes, 4).is_none(), "too few points");
+        let mut not_a_point = bytes.clone();
+        not_a_point[0] = [0xff; 32];
+        assert!(Commitments::decode(&not_a_point, 3).is_none());
     }
 
     #[test]

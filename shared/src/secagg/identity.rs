@@ -157,22 +157,31 @@ impl PeerVerifier {
             .map_err(|e| format!("certificate rejected: {e}"))?;
         let site = tls::site_id_from_cert(&der).map_err(|e| e.to_string())?;
         let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
-        let spki = &parsed.tbs_certificate.subject_pki;
-        if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
-            return Err("certificate key is not Ed25519".into());
-        }
-        let public_key: [u8; 32] = spki
-            .subject_public_key
-            .data
-            .as_ref()
-            .try_into()
-            .map_err(|_| "malformed Ed25519 key".to_string())?;
+        let public_key = ed25519_key(&parsed)?;
         let validity = parsed.validity();
         Ok(Checked {
             peer: VerifiedPeer { site, public_key },
             valid: validity.not_before.timestamp()..=validity.not_after.timestamp(),
         })
     }
+}
+
+/// The Ed25519 key a certificate (DER) carries; its chain is not checked.
+pub fn certificate_key(cert: &[u8]) -> Result<[u8; 32], String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).map_err(|e| e.to_string())?;
+    ed25519_key(&parsed)
+}
+
+fn ed25519_key(parsed: &x509_parser::certificate::X509Certificate<'_>) -> Result<[u8; 32], String> {
+    let spki = &parsed.tbs_certificate.subject_pki;
+    if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
+        return Err("certificate key is not Ed25519".into());
+    }
+    spki.subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| "malformed Ed25519 key".to_string())
 }
 
 /// Check an Ed25519 signature.

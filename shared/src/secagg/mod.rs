@@ -4,30 +4,41 @@
 //! nothing about any one of them, even if it deviates from the protocol
 //! (it can make a round fail, but not read an individual update).
 //!
-//! # The exact construction (version 1)
+//! # The exact construction (version 2)
 //! Notation: `‖` is concatenation, `len(x)` a 4-byte big-endian length, and
-//! `D = "potluck-secagg-v1"`. The cohort is an ordered list of site IDs;
+//! `D = "potluck-secagg-v2"`. The cohort is an ordered list of site IDs;
 //! a site's Shamir index is its 1-based position in it.
 //!
+//! 0. **Setup.** Each site checks the setup ([`Setup::check`]) and its own
+//!    [`Floor`] (minimum cohort; `2t > n + c` for the `c` colluders it
+//!    assumes), then computes `H = SHA256(D ‖ "/setup" ‖ SHA256(cohort) ‖
+//!    t(u64) ‖ bits(u32) ‖ scale(f64) ‖ bound(f32) ‖ noise_margin(f64) ‖
+//!    context)`, numbers big-endian, where `SHA256(cohort)`
+//!    hashes every ID as `len(id) ‖ id` and `context` is the caller's 32-byte
+//!    digest of the round's other parameters (the whole round task, vector
+//!    length and privacy included). Both signed transcripts carry `H`, so
+//!    sites shown different rounds refuse each other's keys.
 //! 1. **Advertise keys.** Site `u` draws two secret scalars `c_u`, `s_u` and a
 //!    self-mask secret `b_u` (curve25519 scalars, uniformly from 64 random
 //!    bytes reduced modulo the group order). Its X25519 keys are the scalars'
 //!    bytes as X25519 secrets. It sends `c_pk = X25519(c_u)`, `s_pk = X25519(s_u)`
 //!    and an Ed25519 signature, with its site certificate's key, over
-//!    `D ‖ "/advertise" ‖ round(u64 BE) ‖ SHA256(cohort) ‖ len(u) ‖ u ‖ c_pk ‖ s_pk`,
-//!    where `SHA256(cohort)` hashes every ID as `len(id) ‖ id`.
+//!    `D ‖ "/advertise" ‖ round(u64 BE) ‖ H ‖ len(u) ‖ u ‖ c_pk ‖ s_pk`.
 //! 2. **Roster.** The coordinator sends every advertiser the list of
 //!    (site, certificate, keys, signature). Each site checks every certificate
 //!    against the franchise CA, that it names the entry's site, that the site is
 //!    in the cohort, and the signature; any failure aborts the round, naming the
 //!    peer. Its own entry must be unchanged. At least `t` entries are required.
 //! 3. **Share keys.** Site `u` Shamir-shares `s_u` and `b_u` (threshold `t`,
-//!    over the curve25519 scalar field, vsss-rs) to every roster member `v`,
-//!    and sends `v` the pair encrypted with ChaCha20-Poly1305 under
+//!    over the curve25519 scalar field, Feldman VSS from vsss-rs) to every
+//!    roster member `v`, and sends `v` the pair encrypted with ChaCha20-Poly1305 under
 //!    `HKDF-SHA256(salt = D, ikm = X25519(c_u, c_pk_v), info = len("share-key") ‖ "share-key" ‖ len ‖ round ‖ len ‖ u ‖ len ‖ v)`,
 //!    zero nonce (each key seals one message), associated data
 //!    `D ‖ len ‖ round ‖ len ‖ u ‖ len ‖ v`. A share replayed from another round
-//!    or sent to another recipient fails to open and aborts the round.
+//!    or sent to another recipient fails to open and aborts the round. To the
+//!    coordinator alone it also sends the Feldman commitments of both
+//!    polynomials (`a_k·G` on Ristretto, `t` points each; the first commits to
+//!    the secret).
 //! 4. **Masked input.** Let `U2` be the sites whose shares `u` received, plus `u`.
 //!    Site `u` sends `y_u = x_u + PRG(b_u) + Σ_{v∈U2, u<v} PRG(s_uv) − Σ_{v∈U2, v<u} PRG(s_uv) mod 2^bits`,
 //!    where `x_u` is the encoded update ([`Encoding`]), `<` orders site IDs as
@@ -39,13 +50,20 @@
 //! 5. **Consistency check.** The coordinator names the survivors `U3` (the
 //!    sites whose masked input it summed). Each survivor checks `U3 ⊆ U2`,
 //!    `|U3| ≥ t` and that it is in `U3`, then signs
-//!    `D ‖ "/survivors" ‖ round ‖ SHA256(cohort) ‖ SHA256(U3)` — once per round.
+//!    `D ‖ "/survivors" ‖ round ‖ H ‖ SHA256(U3)` — once per round. The
+//!    coordinator checks each signature and leaves out (and names) a site
+//!    whose signature is false.
 //! 6. **Unmask.** The coordinator forwards the signatures. A site answers only
 //!    if the list is the one it signed and carries at least `t` valid signatures
 //!    from distinct members of it. It then reveals, for each `v ∈ U2`, the share
 //!    of `b_v` if `v ∈ U3`, else the share of `s_v`: never both for one site,
-//!    and only once. With `t` answers the coordinator rebuilds each survivor's
-//!    `b_v` and each dropped site's `s_v`, removes the masks, and decodes the sum.
+//!    and only once. The coordinator rebuilds each survivor's `b_v` and each
+//!    dropped site's `s_v` from `t` answers and checks it: `b_v·G` against
+//!    `v`'s commitment, `X25519(s_v)` against its signed `s_pk`. If a check
+//!    fails it checks every answer's share against the commitments, names the
+//!    senders of false ones ([`Server::faults`]), and rebuilds from `t` true
+//!    shares; with fewer the round aborts. It then removes the masks and
+//!    decodes the sum.
 //!
 //! Fewer than `t` participants at any step aborts the round; the model does
 //! not change.
@@ -61,9 +79,10 @@ use serde::{Deserialize, Serialize};
 use crate::ids::SiteId;
 
 pub use client::Client;
+pub use crypto::setup_digest;
 pub use encoding::{Encoding, EncodingError};
 pub use identity::{PeerVerifier, SiteSigner, VerifiedPeer};
-pub use server::{Outcome, Server};
+pub use server::{Outcome, Server, ServerViolation};
 
 /// The smallest cohort secure aggregation accepts.
 pub const MIN_COHORT: usize = 3;
@@ -101,6 +120,27 @@ pub enum SetupError {
     /// A site appears twice.
     #[error("site {0} appears twice in the cohort")]
     Duplicate(SiteId),
+    /// The cohort is below this site's floor.
+    #[error("a cohort of {cohort} sites is below this site's minimum of {min}")]
+    BelowMinCohort {
+        /// The cohort size.
+        cohort: usize,
+        /// The site's minimum.
+        min: usize,
+    },
+    /// The threshold is too low for the colluders this site tolerates.
+    #[error(
+        "threshold {threshold} of {cohort} sites is too low against {colluders} colluding \
+         sites: this site needs more than {}", (cohort + colluders) / 2
+    )]
+    BelowFloor {
+        /// The threshold.
+        threshold: usize,
+        /// The cohort size.
+        cohort: usize,
+        /// Sites this site assumes may collude with the coordinator.
+        colluders: usize,
+    },
     /// The encoding could overflow.
     #[error(transparent)]
     Encoding(#[from] EncodingError),
@@ -141,6 +181,73 @@ impl Setup {
     }
 }
 
+/// The least a site accepts of any round's secure aggregation, whatever the
+/// coordinator proposes: set by the site, checked by the site.
+///
+/// Against a coordinator that deviates from the protocol and `c` sites that
+/// collude with it, a survivor's input stays hidden only if `2t > n + c`
+/// (a split view needs two groups of `t` signers that overlap in colluders
+/// only), and the sum carries the noise of at least `t − c` honest survivors.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Floor {
+    /// The smallest cohort this site takes part in.
+    pub min_cohort: usize,
+    /// Cohort members this site assumes may collude with the coordinator.
+    pub colluders: usize,
+    /// The least noise multiplier a private round may have, counting only
+    /// the honest survivors' noise (see [`Floor::honest_survivors`]); 0: none.
+    pub min_noise_multiplier: f64,
+}
+
+impl Default for Floor {
+    fn default() -> Self {
+        Self {
+            min_cohort: MIN_COHORT,
+            colluders: 0,
+            min_noise_multiplier: 0.0,
+        }
+    }
+}
+
+impl Floor {
+    /// Refuse a setup below this floor.
+    pub fn check(&self, setup: &Setup) -> Result<(), SetupError> {
+        let (n, t, c) = (setup.cohort.len(), setup.threshold, self.colluders);
+        if n < self.min_cohort {
+            return Err(SetupError::BelowMinCohort {
+                cohort: n,
+                min: self.min_cohort,
+            });
+        }
+        if 2 * t <= n + c {
+            return Err(SetupError::BelowFloor {
+                threshold: t,
+                cohort: n,
+                colluders: c,
+            });
+        }
+        Ok(())
+    }
+
+    /// Survivors whose noise is counted on: the threshold less the colluders
+    /// (at least one, once [`Floor::check`] passed).
+    pub fn honest_survivors(&self, threshold: usize) -> usize {
+        threshold.saturating_sub(self.colluders).max(1)
+    }
+}
+
+/// A site's Feldman commitments to the polynomials that share its two
+/// secrets (compressed Ristretto points, `t` each): they let the coordinator
+/// tell a false unmask share from a true one, and name its sender.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareCommitments {
+    /// For the mask key `s_u`.
+    pub mask_key: Vec<[u8; 32]>,
+    /// For the self-mask secret `b_u`.
+    pub self_mask: Vec<[u8; 32]>,
+}
+
 /// A site's advertised round keys, as the coordinator relays them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RosterEntry {
@@ -169,8 +276,14 @@ pub enum ClientMessage {
         /// Signature over the advertise transcript.
         signature: Vec<u8>,
     },
-    /// Step 3: one ciphertext per other roster member.
-    EncryptedShares(Vec<(SiteId, Vec<u8>)>),
+    /// Step 3: one ciphertext per other roster member, and the commitments
+    /// (for the coordinator only).
+    EncryptedShares {
+        /// Ciphertexts, by recipient.
+        shares: Vec<(SiteId, Vec<u8>)>,
+        /// Commitments to the sharing polynomials.
+        commitments: ShareCommitments,
+    },
     /// Step 4.
     MaskedInput(#[serde(with = "words")] Vec<u32>),
     /// Step 5.

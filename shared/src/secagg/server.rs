@@ -1,7 +1,10 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::crypto;
-use super::{ClientMessage, RosterEntry, ServerMessage, Setup, SetupError};
+use curve25519_dalek::scalar::Scalar;
+
+use super::crypto::{self, Commitments, ScalarPart};
+use super::identity::{certificate_key, signature_valid};
+use super::{ClientMessage, RosterEntry, ServerMessage, Setup, SetupError, ShareCommitments};
 use crate::ids::{RoundId, SiteId};
 
 /// How a secure aggregation round ended.
@@ -38,6 +41,12 @@ pub enum ServerViolation {
     /// Unmask shares that do not match the survivor list.
     #[error("unmask shares do not match the survivor list")]
     UnmaskShares,
+    /// Commitments of the wrong length, or not curve points.
+    #[error("share commitments must be {0} points per secret")]
+    Commitments(usize),
+    /// A survivor signature that does not verify under the site's certificate.
+    #[error("its survivor signature does not verify")]
+    SurvivorSignature,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +85,17 @@ type UnmaskReply = BTreeMap<SiteId, [u8; 32]>;
 pub struct Server {
     round: RoundId,
     setup: Setup,
+    /// What the sites sign the round as ([`crypto::setup_digest`]).
+    digest: [u8; 32],
     certs: BTreeMap<SiteId, Vec<u8>>,
+    /// Each cohort member's signing key, from its certificate.
+    keys: BTreeMap<SiteId, [u8; 32]>,
     phase: Phase,
     pending: BTreeSet<SiteId>,
     roster: BTreeMap<SiteId, RosterEntry>,
     shares: BTreeMap<SiteId, Vec<(SiteId, Vec<u8>)>>,
+    /// Each sharer's commitments: (mask key, self-mask secret).
+    commitments: BTreeMap<SiteId, (Commitments, Commitments)>,
     sum: Vec<u32>,
     contributors: BTreeSet<SiteId>,
     survivors: Vec<SiteId>,
@@ -88,26 +103,37 @@ pub struct Server {
     replies: BTreeMap<SiteId, UnmaskReply>,
     outbox: VecDeque<(SiteId, ServerMessage)>,
     outcome: Option<Outcome>,
+    faults: BTreeMap<SiteId, String>,
 }
 
 impl Server {
-    /// Start a round with the cohort's certificates (DER), as verified by TLS.
+    /// Start a round with the cohort's certificates (DER), as verified by
+    /// TLS, and the `context` the sites sign with the setup (see [`super::Client::new`]).
     pub fn new(
         round: RoundId,
         setup: Setup,
+        context: &[u8; 32],
         certs: BTreeMap<SiteId, Vec<u8>>,
     ) -> Result<Self, SetupError> {
         setup.check()?;
         let pending = setup.cohort.iter().cloned().collect();
         let sum = vec![0u32; setup.length];
+        // A certificate without an Ed25519 key leaves its site unable to sign.
+        let keys = certs
+            .iter()
+            .filter_map(|(site, cert)| Some((site.clone(), certificate_key(cert).ok()?)))
+            .collect();
         Ok(Self {
             round,
+            digest: crypto::setup_digest(&setup, context),
             setup,
             certs,
+            keys,
             phase: Phase::Advertise,
             pending,
             roster: BTreeMap::new(),
             shares: BTreeMap::new(),
+            commitments: BTreeMap::new(),
             sum,
             contributors: BTreeSet::new(),
             survivors: Vec::new(),
@@ -115,7 +141,15 @@ impl Server {
             replies: BTreeMap::new(),
             outbox: VecDeque::new(),
             outcome: None,
+            faults: BTreeMap::new(),
         })
+    }
+
+    /// Sites found to break the protocol in ways that do not show in a
+    /// single message (a false unmask share), with what each did. A site
+    /// whose message was refused is reported by [`Server::handle_message`].
+    pub fn faults(&self) -> &BTreeMap<SiteId, String> {
+        &self.faults
     }
 
     /// The round.
@@ -172,24 +206,45 @@ impl Server {
                 };
                 self.roster.insert(from.clone(), entry);
             }
-            (Phase::ShareKeys, ClientMessage::EncryptedShares(sealed)) => {
-                let recipients: BTreeSet<&SiteId> = sealed.iter().map(|(to, _)| to).collect();
+            (
+                Phase::ShareKeys,
+                ClientMessage::EncryptedShares {
+                    shares,
+                    commitments,
+                },
+            ) => {
+                let recipients: BTreeSet<&SiteId> = shares.iter().map(|(to, _)| to).collect();
                 let expected: BTreeSet<&SiteId> =
                     self.roster.keys().filter(|s| *s != from).collect();
-                if recipients != expected || sealed.len() != expected.len() {
-                    return Err(ServerViolation::ShareRecipients);
+                if recipients != expected || shares.len() != expected.len() {
+                    return Err(self.refuse(from, ServerViolation::ShareRecipients));
                 }
-                self.shares.insert(from.clone(), sealed);
+                let Some(decoded) = self.decode(&commitments) else {
+                    let violation = ServerViolation::Commitments(self.setup.threshold);
+                    return Err(self.refuse(from, violation));
+                };
+                self.commitments.insert(from.clone(), decoded);
+                self.shares.insert(from.clone(), shares);
             }
             (Phase::MaskedInput, ClientMessage::MaskedInput(masked)) => {
                 let limit = crypto::modulus_mask(self.setup.encoding.bits);
                 if masked.len() != self.setup.length || masked.iter().any(|&v| v > limit) {
-                    return Err(ServerViolation::MaskedInput(self.setup.length));
+                    let violation = ServerViolation::MaskedInput(self.setup.length);
+                    return Err(self.refuse(from, violation));
                 }
                 self.setup.encoding.accumulate(&mut self.sum, &masked);
                 self.contributors.insert(from.clone());
             }
             (Phase::Consistency, ClientMessage::SurvivorSignature(signature)) => {
+                let transcript =
+                    crypto::survivors_transcript(self.round, &self.digest, &self.survivors);
+                let valid = self
+                    .keys
+                    .get(from)
+                    .is_some_and(|key| signature_valid(key, &transcript, &signature));
+                if !valid {
+                    return Err(self.refuse(from, ServerViolation::SurvivorSignature));
+                }
                 self.signatures.insert(from.clone(), signature);
             }
             (
@@ -212,7 +267,7 @@ impl Server {
                     || self_mask.len() != survivors.len()
                     || mask_key.len() != dropped.len()
                 {
-                    return Err(ServerViolation::UnmaskShares);
+                    return Err(self.refuse(from, ServerViolation::UnmaskShares));
                 }
                 let reply = self_mask.into_iter().chain(mask_key).collect();
                 self.replies.insert(from.clone(), reply);
@@ -220,7 +275,7 @@ impl Server {
             (_, message) => {
                 let kind = match message {
                     ClientMessage::AdvertiseKeys { .. } => "key advertisement",
-                    ClientMessage::EncryptedShares(_) => "encrypted shares",
+                    ClientMessage::EncryptedShares { .. } => "encrypted shares",
                     ClientMessage::MaskedInput(_) => "masked input",
                     ClientMessage::SurvivorSignature(_) => "survivor signature",
                     ClientMessage::UnmaskShares { .. } => "unmask shares",
@@ -233,6 +288,20 @@ impl Server {
             self.close_phase();
         }
         Ok(())
+    }
+
+    /// Leave `from` out of the rest of the round for `violation`, and say so.
+    fn refuse(&mut self, from: &SiteId, violation: ServerViolation) -> ServerViolation {
+        self.handle_dropped(from);
+        violation
+    }
+
+    fn decode(&self, commitments: &ShareCommitments) -> Option<(Commitments, Commitments)> {
+        let t = self.setup.threshold;
+        Some((
+            Commitments::decode(&commitments.mask_key, t)?,
+            Commitments::decode(&commitments.self_mask, t)?,
+        ))
     }
 
     /// A site left; the phase closes early if nobody else is awaited.
@@ -361,23 +430,29 @@ impl Server {
         let bits = self.setup.encoding.bits;
         let survivors: BTreeSet<SiteId> = self.survivors.iter().cloned().collect();
         // Any t holders rebuild every secret; every reply names every owner.
-        let holders: Vec<(&SiteId, &UnmaskReply)> =
-            self.replies.iter().take(self.setup.threshold).collect();
+        let holders: Vec<SiteId> = self
+            .replies
+            .keys()
+            .take(self.setup.threshold)
+            .cloned()
+            .collect();
         let indices: Vec<u32> = holders
             .iter()
-            .map(|(holder, _)| self.setup.index_of(holder))
+            .map(|holder| self.setup.index_of(holder))
             .collect::<Option<_>>()
             .ok_or("an unmask reply from outside the cohort")?;
         let rebuild = crypto::Reconstruction::new(&indices).ok_or("repeated holder index")?;
-        for owner in self.shares.keys() {
+        let owners: Vec<SiteId> = self.shares.keys().cloned().collect();
+        for owner in &owners {
             let survived = survivors.contains(owner);
             let values: Vec<[u8; 32]> = holders
                 .iter()
-                .filter_map(|(_, reply)| reply.get(owner).copied())
+                .filter_map(|holder| self.replies[holder].get(owner).copied())
                 .collect();
-            let secret = rebuild
-                .combine(&values)
-                .ok_or_else(|| format!("could not rebuild the secret of {owner}"))?;
+            let secret = match rebuild.combine(&values) {
+                Some(secret) if self.is_secret_of(owner, survived, &secret) => secret,
+                _ => self.rebuild_from_true_shares(owner, survived)?,
+            };
             if survived {
                 crypto::apply_mask(
                     &mut self.sum,
@@ -403,5 +478,59 @@ impl Server {
             contributors: self.survivors.clone(),
         });
         Ok(())
+    }
+
+    /// Whether `secret` is the one `owner` shared: its self-mask secret
+    /// (committed to with its shares) if it survived, else its mask key
+    /// (whose public key it signed).
+    fn is_secret_of(&self, owner: &SiteId, survived: bool, secret: &Scalar) -> bool {
+        if survived {
+            self.commitments[owner].1.commit_to(secret)
+        } else {
+            crypto::x25519_public(secret) == self.roster[owner].mask_pk
+        }
+    }
+
+    /// The slow path, taken only when some holder lied: check every reply's
+    /// share of `owner`'s secret against its commitments, record the holders
+    /// of false ones, and rebuild from `t` true ones if there are that many.
+    fn rebuild_from_true_shares(
+        &mut self,
+        owner: &SiteId,
+        survived: bool,
+    ) -> Result<Scalar, String> {
+        let (mask_key, self_mask) = &self.commitments[owner];
+        let commitments = if survived { self_mask } else { mask_key };
+        let mut true_parts = Vec::new();
+        let mut false_holders = Vec::new();
+        for (holder, reply) in &self.replies {
+            let part = reply
+                .get(owner)
+                .zip(self.setup.index_of(holder))
+                .map(|(value, index)| ScalarPart {
+                    index,
+                    value: *value,
+                });
+            match part {
+                Some(part) if commitments.admit(&part) => true_parts.push(part),
+                _ => false_holders.push(holder.clone()),
+            }
+        }
+        for holder in false_holders {
+            self.faults
+                .entry(holder)
+                .or_insert_with(|| format!("sent a false unmask share of {owner}'s secret"));
+        }
+        let chosen = &true_parts[..true_parts.len().min(self.setup.threshold)];
+        self.enough(
+            chosen.len(),
+            &format!("sent true shares of {owner}'s secret"),
+        )?;
+        let indices: Vec<u32> = chosen.iter().map(|p| p.index).collect();
+        let values: Vec<[u8; 32]> = chosen.iter().map(|p| p.value).collect();
+        crypto::Reconstruction::new(&indices)
+            .and_then(|r| r.combine(&values))
+            .filter(|secret| self.is_secret_of(owner, survived, secret))
+            .ok_or_else(|| format!("{owner}'s shares do not rebuild the secret it committed to"))
     }
 }

@@ -56,10 +56,13 @@ fn setup(pki: &Pki, threshold: usize, length: usize) -> Setup {
     }
 }
 
+/// The round parameters outside secure aggregation, as every site was sent them.
+const CONTEXT: [u8; 32] = [7; 32];
+
 /// A site's client for `round`, given its encoded input.
 fn new_client(
     pki: &Pki,
-    setup: &Setup,
+    (setup, context): (&Setup, &[u8; 32]),
     signer: &Arc<SiteSigner>,
     round: RoundId,
     input: Vec<u32>,
@@ -68,8 +71,10 @@ fn new_client(
     let mut client = Client::new(
         round,
         setup.clone(),
+        context,
         signer.clone(),
         pki.verifier.clone(),
+        &Floor::default(),
         rng,
     )
     .unwrap();
@@ -89,10 +94,20 @@ struct Run {
     encoded: BTreeMap<SiteId, Vec<u32>>,
     seen: Seen,
     client_errors: Vec<(SiteId, ClientError)>,
+    /// Messages the coordinator refused, by sender.
+    violations: Vec<(SiteId, ServerViolation)>,
+    /// What the coordinator found sites did, at the end.
+    faults: BTreeMap<SiteId, String>,
 }
 
 /// A hook that may rewrite a message from the coordinator to a site.
 type Tamper<'a> = &'a mut dyn FnMut(&SiteId, &mut ServerMessage);
+
+/// A hook that may rewrite a message from a site to the coordinator.
+type Lie<'a> = &'a mut dyn FnMut(&SiteId, &mut ClientMessage);
+
+/// What each site is told of the round: its setup and context, by cohort position.
+type Shown<'a> = &'a dyn Fn(usize) -> (Setup, [u8; 32]);
 
 fn run(
     pki: &Pki,
@@ -102,9 +117,56 @@ fn run(
     seed: u64,
     tamper: Tamper<'_>,
 ) -> Run {
+    let honest = |_: usize| (setup.clone(), CONTEXT);
+    run_deviating(
+        pki,
+        setup,
+        round,
+        lifetimes,
+        seed,
+        tamper,
+        &mut |_, _| {},
+        &honest,
+    )
+}
+
+/// [`run`] with an honest coordinator and sites that `lie`.
+fn run_lying(
+    pki: &Pki,
+    setup: &Setup,
+    (round, seed): (RoundId, u64),
+    lifetimes: &[Lifetime],
+    lie: Lie<'_>,
+) -> Run {
+    let honest = |_: usize| (setup.clone(), CONTEXT);
+    run_deviating(
+        pki,
+        setup,
+        round,
+        lifetimes,
+        seed,
+        &mut no_tamper(),
+        lie,
+        &honest,
+    )
+}
+
+/// [`run`], with sites that `lie` and are each `shown` their own round.
+#[allow(clippy::too_many_arguments)]
+fn run_deviating(
+    pki: &Pki,
+    setup: &Setup,
+    round: RoundId,
+    lifetimes: &[Lifetime],
+    seed: u64,
+    tamper: Tamper<'_>,
+    lie: Lie<'_>,
+    shown: Shown<'_>,
+) -> Run {
     let mut rng = StdRng::seed_from_u64(seed);
     let now = SystemTime::now();
-    let mut server = Server::new(round, setup.clone(), pki.certs.clone()).unwrap();
+    let mut server = Server::new(round, setup.clone(), &CONTEXT, pki.certs.clone()).unwrap();
+    let mut violations = Vec::new();
     let mut clients = BTreeMap::new();
     let mut sent: BTreeMap<SiteId, usize> = BTreeMap::new();
     let mut encoded = BTreeMap::new();
@@ -112,12 +174,20 @@ fn run(
     let mut client_errors = Vec::new();
     for (i, (signer, &life)) in pki.signers.iter().zip(lifetimes).enumerate() {
         let site = signer.site().clone();
+        let (site_setup, context) = shown(i);
         // Distinct per site, so a sum over the wrong sites cannot match.
-        let values: Vec<f32> = (0..setup.length)
+        let values: Vec<f32> = (0..site_setup.length)
             .map(|j| ((j * 7 + i * 13) % 11) as f32 / 11.0 - 0.4)
             .collect();
-        let x = setup.encoding.encode(&values, &mut rng);
-        let client = new_client(pki, setup, signer, round, x.clone(), &mut rng);
+        let x = site_setup.encoding.encode(&values, &mut rng);
+        let client = new_client(
+            pki,
+            (&site_setup, &context),
+            signer,
+            round,
+            x.clone(),
+            &mut rng,
+        );
         encoded.insert(site.clone(), x);
         clients.insert(site.clone(), (client, life));
         sent.insert(site, 0);
@@ -126,7 +196,7 @@ fn run(
         let mut progressed = false;
         // Sites speak (or drop).
         for (site, (client, life)) in clients.iter_mut() {
-            while let Some(message) = client.poll_transmit() {
+            while let Some(mut message) = client.poll_transmit() {
                 let count = sent.get_mut(site).unwrap();
                 if *count >= *life {
                     continue; // this site has gone silent
@@ -142,7 +212,10 @@ fn run(
                     }
                     _ => {}
                 }
-                server.handle_message(site, message).unwrap();
+                lie(site, &mut message);
+                if let Err(violation) = server.handle_message(site, message) {
+                    violations.push((site.clone(), violation));
+                }
             }
         }
         // Silent sites disconnect once they have said all they will.
@@ -166,25 +239,19 @@ fn run(
                 server.handle_dropped(&to);
             }
         }
+        if !progressed {
+            // Every phase deadline passes with whoever answered.
+            server.close_phase();
+        }
         if let Some(outcome) = server.poll_outcome() {
             return Run {
                 outcome,
                 encoded,
                 seen,
                 client_errors,
+                violations,
+                faults: server.faults().clone(),
             };
-        }
-        if !progressed {
-            // Every phase deadline passes with whoever answered.
-            server.close_phase();
-            if let Some(outcome) = server.poll_outcome() {
-                return Run {
-                    outcome,
-                    encoded,
-                    seen,
-                    client_errors,
-                };
-            }
         }
     }
 }
@@ -396,9 +463,12 @@ fn signed_client(pki: &Pki, setup: &Setup) -> (Client, ServerMessage) {
     let mut clients: Vec<Client> = pki
         .signers
         .iter()
-        .map(|s| new_client(pki, setup, s, round, vec![0; setup.length], &mut rng))
+        .map(|s| {
+            let input = vec![0; setup.length];
+            new_client(pki, (setup, &CONTEXT), s, round, input, &mut rng)
+        })
         .collect();
-    let mut server = Server::new(round, setup.clone(), pki.certs.clone()).unwrap();
+    let mut server = Server::new(round, setup.clone(), &CONTEXT, pki.certs.clone()).unwrap();
     // Run the honest protocol until every client has signed.
     let mut genuine = None;
     for _ in 0..4 {
@@ -520,4 +590,191 @@ proptest! {
             prop_assert!(matches!(r.outcome, Outcome::Aborted { .. }), "{:?}", r.outcome);
         }
     }
+}
+
+#[test]
+fn sites_shown_different_rounds_refuse_to_sum_together() {
+    let pki = pki(5);
+    let setup = setup(&pki, 4, 8);
+    // The coordinator shows two sites another round: a lower threshold,
+    // another encoding, or other parameters (the context: privacy, vector
+    // length). Each site checks its peers' signatures over its own view.
+    let mut lower = setup.clone();
+    lower.threshold = 3;
+    let mut finer = setup.clone();
+    finer.encoding.bound /= 2.0;
+    let variants = [(lower, CONTEXT), (finer, CONTEXT), (setup.clone(), [8; 32])];
+    for (other, other_context) in variants {
+        let shown = |i: usize| match i {
+            0 | 1 => (other.clone(), other_context),
+            _ => (setup.clone(), CONTEXT),
+        };
+        let r = run_deviating(
+            &pki,
+            &setup,
+            RoundId(1),
+            &[ALL; 5],
+            1,
+            &mut no_tamper(),
+            &mut |_, _| {},
+            &shown,
+        );
+        assert!(
+            matches!(r.outcome, Outcome::Aborted { .. }),
+            "{:?}",
+            r.outcome
+        );
+        assert!(
+            r.client_errors
+                .iter()
+                .all(|(_, e)| matches!(e, ClientError::BadSignature(_))),
+            "{:?}",
+            r.client_errors
+        );
+        assert_eq!(r.client_errors.len(), 5, "every site refuses the roster");
+    }
+}
+
+/// Replace every unmask share `holder` sends with a false one.
+fn false_shares(holder: &SiteId) -> impl FnMut(&SiteId, &mut ClientMessage) {
+    let holder = holder.clone();
+    move |from: &SiteId, m: &mut ClientMessage| {
+        if let ClientMessage::UnmaskShares {
+            self_mask,
+            mask_key,
+        } = m
+            && *from == holder
+        {
+            for (_, share) in self_mask.iter_mut().chain(mask_key.iter_mut()) {
+                share[0] ^= 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_false_unmask_share_is_caught_named_and_left_out() {
+    let pki = pki(6);
+    let setup = setup(&pki, 4, 16);
+    let liar = setup.cohort[0].clone(); // among the first holders the coordinator uses
+    // One site drops before its masked input, so shares of both kinds are rebuilt.
+    let lifetimes = [ALL, 2, ALL, ALL, ALL, ALL];
+    let r = run_lying(
+        &pki,
+        &setup,
+        (RoundId(1), 2),
+        &lifetimes,
+        &mut false_shares(&liar),
+    );
+    assert_exact(&setup, &r, &lifetimes);
+    assert_eq!(
+        r.faults.keys().collect::<Vec<_>>(),
+        vec![&liar],
+        "{:?}",
+        r.faults
+    );
+    assert!(r.faults[&liar].contains("false unmask share"));
+}
+
+#[test]
+fn with_only_the_threshold_left_a_false_share_aborts_and_names_its_sender() {
+    let pki = pki(5);
+    let setup = setup(&pki, 4, 16);
+    let liar = setup.cohort[3].clone();
+    let lifetimes = [ALL, ALL, ALL, ALL, 2];
+    let r = run_lying(
+        &pki,
+        &setup,
+        (RoundId(1), 3),
+        &lifetimes,
+        &mut false_shares(&liar),
+    );
+    let Outcome::Aborted { reason } = &r.outcome else {
+        panic!("a sum with a false share decoded: {:?}", r.outcome);
+    };
+    assert!(reason.contains("true shares"), "{reason}");
+    assert!(r.faults.contains_key(&liar), "{:?}", r.faults);
+}
+
+#[test]
+fn a_forged_survivor_signature_is_refused_and_named_by_the_coordinator() {
+    let pki = pki(5);
+    let setup = setup(&pki, 3, 16);
+    let forger = setup.cohort[2].clone();
+    let mut forge = |from: &SiteId, m: &mut ClientMessage| {
+        if let ClientMessage::SurvivorSignature(signature) = m
+            && *from == forger
+        {
+            signature[0] ^= 1;
+        }
+    };
+    // Four other signers are enough: the round finishes, the forger's input included.
+    let r = run_lying(&pki, &setup, (RoundId(1), 4), &[ALL; 5], &mut forge);
+    assert_exact(&setup, &r, &[ALL; 5]);
+    assert_eq!(
+        r.violations,
+        vec![(forger.clone(), ServerViolation::SurvivorSignature)]
+    );
+    // With exactly the threshold of survivors the round cannot finish (the
+    // others insist on t signatures), but the coordinator knows who broke it.
+    let lifetimes = [ALL, 2, ALL, 2, ALL];
+    let r = run_lying(&pki, &setup, (RoundId(2), 5), &lifetimes, &mut forge);
+    assert!(
+        matches!(r.outcome, Outcome::Aborted { .. }),
+        "{:?}",
+        r.outcome
+    );
+    assert_eq!(
+        r.violations,
+        vec![(forger, ServerViolation::SurvivorSignature)]
+    );
+}
+
+#[test]
+fn a_site_refuses_a_setup_below_its_own_floor() {
+    let pki = pki(5);
+    let mut rng = StdRng::seed_from_u64(1);
+    let client = |setup: &Setup, floor: &Floor, rng: &mut StdRng| {
+        let signer = pki.signers[0].clone();
+        Client::new(
+            RoundId(1),
+            setup.clone(),
+            &CONTEXT,
+            signer,
+            pki.verifier.clone(),
+            floor,
+            rng,
+        )
+        .map(|_| ())
+    };
+    // Against one colluding site, 3 of 5 is too low: a split view of two
+    // groups of 3 signers overlaps in one site only. 4 of 5 is enough.
+    let one_colluder = Floor {
+        colluders: 1,
+        ..Floor::default()
+    };
+    assert_eq!(
+        client(&setup(&pki, 3, 8), &one_colluder, &mut rng),
+        Err(ClientError::Setup(SetupError::BelowFloor {
+            threshold: 3,
+            cohort: 5,
+            colluders: 1
+        }))
+    );
+    client(&setup(&pki, 4, 8), &one_colluder, &mut rng).unwrap();
+    client(&setup(&pki, 3, 8), &Floor::default(), &mut rng).unwrap();
+    let six = Floor {
+        min_cohort: 6,
+        ..Floor::default()
+    };
+    assert_eq!(
+        client(&setup(&pki, 4, 8), &six, &mut rng),
+        Err(ClientError::Setup(SetupError::BelowMinCohort {
+            cohort: 5,
+            min: 6
+        }))
+    );
+    // The noise counted on is that of the honest survivors only.
+    assert_eq!(one_colluder.honest_survivors(4), 3);
+    assert_eq!(Floor::default().honest_survivors(4), 4);
 }

@@ -1,7 +1,9 @@
 //! Length-prefixed frames: a 4-byte big-endian length, then that many bytes.
 //!
 //! The length is checked against the configured maximum *before* anything is
-//! allocated for the body, so a peer cannot make us allocate by lying.
+//! allocated for the body, and the body grows with the bytes that arrive
+//! ([`Body`]), not with the length announced: a peer cannot make us allocate
+//! by lying.
 
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 4;
@@ -38,6 +40,46 @@ pub fn body_len(header: [u8; HEADER_LEN], max: usize) -> Result<usize, FrameErro
     Ok(len)
 }
 
+/// A frame body being received.
+#[derive(Debug)]
+pub struct Body {
+    len: usize,
+    bytes: Vec<u8>,
+}
+
+impl Body {
+    /// A body of `len` bytes, as its header announced (checked by [`body_len`]).
+    pub fn new(len: usize) -> Self {
+        // Room for a small message at once; a large one grows as it arrives.
+        const FIRST: usize = 64 << 10;
+        Self {
+            len,
+            bytes: Vec::with_capacity(len.min(FIRST)),
+        }
+    }
+
+    /// Bytes still to come.
+    pub fn remaining(&self) -> usize {
+        self.len - self.bytes.len()
+    }
+
+    /// Take the bytes that arrived (at most [`Body::remaining`] of them).
+    pub fn push(&mut self, chunk: &[u8]) {
+        let take = chunk.len().min(self.remaining());
+        self.bytes.extend_from_slice(&chunk[..take]);
+    }
+
+    /// The body, once complete.
+    pub fn finish(self) -> Option<Vec<u8>> {
+        (self.remaining() == 0).then_some(self.bytes)
+    }
+
+    /// Bytes allocated so far.
+    pub fn allocated(&self) -> usize {
+        self.bytes.capacity()
+    }
+}
+
 /// Prefix a body with its header.
 pub fn frame(body: &[u8], max: usize) -> Result<Vec<u8>, FrameError> {
     if body.is_empty() {
@@ -71,6 +113,19 @@ mod tests {
         );
         assert_eq!(body_len([0; 4], 1024), Err(FrameError::Empty));
         assert_eq!(body_len(1024u32.to_be_bytes(), 1024), Ok(1024));
+    }
+
+    #[test]
+    fn a_frame_that_announces_much_and_sends_little_allocates_little() {
+        let mut body = Body::new(DEFAULT_MAX_FRAME);
+        body.push(&[1; 10]);
+        assert!(body.allocated() <= 64 << 10, "{}", body.allocated());
+        assert_eq!(body.remaining(), DEFAULT_MAX_FRAME - 10);
+        assert!(body.finish().is_none(), "incomplete");
+        let mut body = Body::new(3);
+        body.push(&[1, 2]);
+        body.push(&[3, 4]); // the next frame's first byte is not taken
+        assert_eq!(body.finish(), Some(vec![1, 2, 3]));
     }
 
     proptest! {

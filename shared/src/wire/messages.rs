@@ -101,6 +101,20 @@ pub struct RoundTask {
     pub audit: Option<crate::fairness::AuditSpec>,
 }
 
+impl RoundTask {
+    /// A digest of the whole task, which every site of a secure round signs
+    /// with its setup ([`crate::secagg::Client::new`]): a site refuses to sum
+    /// with sites that were sent other parameters.
+    pub fn digest(&self) -> Result<[u8; 32], super::codec::CodecError> {
+        use sha2::{Digest, Sha256};
+        let bytes = super::codec::encode(self)?;
+        let mut h = Sha256::new();
+        h.update(b"potluck-round-task-v1");
+        h.update(bytes);
+        Ok(h.finalize().into())
+    }
+}
+
 /// Local training settings and the privacy bounds applied to the update.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
