@@ -94,6 +94,8 @@ enum SessionError {
     Protocol(#[from] SiteSessionError),
     #[error("coordinator closed the stream")]
     Closed,
+    #[error("reading pinned peer keys: {0}")]
+    Pins(String),
 }
 
 enum Job {
@@ -156,6 +158,7 @@ impl Agent {
             signer: Arc::new(SiteSigner::new(&identity.chain[0], &identity.key)?),
             verifier: PeerVerifier::new(identity.ca.clone())?,
             floor: config.secure_aggregation,
+            pins: Default::default(), // read from the store at each connection
         };
         let client = tls::client_config(identity)?;
         let api = if config.api.enabled {
@@ -290,7 +293,13 @@ impl Agent {
         let mut inbox = spawn_reader(recv, max_frame);
         let audit = AuditLog::new(&self.config.state_dir);
         let (jobs, mut done) = spawn_worker(self.worker_context(audit));
-        let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"), Some(self.secagg.clone()));
+        let mut identity = self.secagg.clone();
+        let store = self.store.clone();
+        identity.pins = tokio::task::spawn_blocking(move || store.with(|s| s.pins()))
+            .await
+            .map_err(|e| SessionError::Pins(e.to_string()))?
+            .map_err(|e| SessionError::Pins(e.to_string()))?;
+        let mut session = SiteSession::new(env!("CARGO_PKG_VERSION"), Some(identity));
         let result = async {
             loop {
                 while let Some(event) = session.poll_event() {
@@ -346,6 +355,7 @@ impl Agent {
                 Job::Audit(task, model)
             }
             SiteEvent::ServeModel(model) => return self.serve(model),
+            SiteEvent::PeersMet(met) => return self.pin(met),
             SiteEvent::RoundAbandoned(round) => {
                 info!(site = %self.config.site_id, %round, "round abandoned by coordinator");
                 return;
@@ -378,6 +388,19 @@ impl Agent {
                 Err(e) => {
                     warn!(%site, version = %model.version, error = %e, "could not keep the released model; serving the previous one");
                 }
+            }
+        });
+    }
+
+    /// Keep the keys of peers met for the first time, beside the session.
+    fn pin(&self, met: potluck_shared::secagg::Pins) {
+        let (store, site) = (self.store.clone(), self.config.site_id.clone());
+        tokio::task::spawn_blocking(move || match store.with(|s| s.pin_peers(&met)) {
+            Ok(()) => {
+                info!(%site, peers = ?met.keys().collect::<Vec<_>>(), "pinned the keys of peers met for the first time")
+            }
+            Err(e) => {
+                warn!(%site, error = %e, "could not pin peers' keys; they will be pinned when next met")
             }
         });
     }

@@ -15,6 +15,7 @@ use potluck_agent::retention::{Purge, purge_expired};
 use potluck_agent::store::{DEFAULT_WAIT, SiteStore};
 use potluck_agent::subject::{Export, TRAINING_AND_ERASURE};
 use potluck_agent::training::train_rounds;
+use potluck_shared::SiteId;
 use potluck_shared::model::{Menu, ModelSpec};
 use potluck_shared::service::systemd;
 use potluck_shared::wire::TrainSettings;
@@ -110,6 +111,11 @@ enum Command {
     /// The global model this site uses.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Peers' keys as this site first met them in secure aggregation: a peer
+    /// showing another key is refused (a re-issued certificate may be an
+    /// impersonation) until its pin is forgotten here.
+    #[command(subcommand)]
+    Peers(PeersCommand),
     /// The privacy spent on this site's customers and what is left: every
     /// private round it took part in, whatever lineage each was named.
     Privacy {
@@ -215,6 +221,29 @@ enum ModelCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum PeersCommand {
+    /// List the pinned peers and the SHA-256 of each one's key.
+    List {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a peer's pin, once you know its site was re-enrolled on
+    /// purpose (ask its operator); its next key is pinned when next met. Audited.
+    Forget {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
+        /// The peer site.
+        #[arg(long)]
+        site: SiteId,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check every entry against the hash chain; name the first edited,
     /// removed or reordered entry. Exits with status 1 if the log was tampered with.
@@ -256,6 +285,8 @@ fn main() -> Result<()> {
         } => recommend_items(&who, usize::from(k), explain, at),
         Command::Run { config } => run(&config),
         Command::Privacy { config, json } => privacy(&config, json),
+        Command::Peers(PeersCommand::List { config, json }) => peers_list(&config, json),
+        Command::Peers(PeersCommand::Forget { config, site }) => peers_forget(&config, &site),
         Command::Consent {
             who,
             grant,
@@ -621,6 +652,42 @@ fn audit_verify(config: &Path, json: bool) -> Result<()> {
         }
         Err(e) => Err(e.into()),
     }
+}
+
+fn peers_list(config: &Path, json: bool) -> Result<()> {
+    let config = load_config(config)?;
+    let pins = open_store(&config)?.pins()?;
+    let fingerprint = |key: &[u8; 32]| potluck_shared::audit::sha256_hex(key);
+    if json {
+        let out: serde_json::Map<String, serde_json::Value> = pins
+            .iter()
+            .map(|(site, key)| (site.to_string(), fingerprint(key).into()))
+            .collect();
+        println!("{}", serde_json::Value::Object(out));
+        return Ok(());
+    }
+    if pins.is_empty() {
+        println!("no peers pinned yet (they are pinned when first met in a round)");
+    }
+    for (site, key) in &pins {
+        println!("{site}  {}", fingerprint(key));
+    }
+    Ok(())
+}
+
+fn peers_forget(config: &Path, site: &SiteId) -> Result<()> {
+    let config = load_config(config)?;
+    let found = open_store(&config)?.forget_pin(site)?;
+    AuditLog::new(&config.state_dir).append(
+        "peer_pin_forgotten",
+        serde_json::json!({"site": site, "found": found}),
+    )?;
+    if found {
+        println!("forgot the pin of {site}: its next key is pinned when next met");
+    } else {
+        println!("{site} was not pinned");
+    }
+    Ok(())
 }
 
 fn privacy(config: &Path, json: bool) -> Result<()> {

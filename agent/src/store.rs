@@ -17,11 +17,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use potluck_shared::RoundId;
 use potluck_shared::dp::accountant::Step;
 use potluck_shared::dp::{Cap, Ledger, LedgerEntry, Refusal};
 use potluck_shared::model::{GlobalModel, Menu, OrderRecord};
+use potluck_shared::secagg::Pins;
 use potluck_shared::wire::codec;
+use potluck_shared::{RoundId, SiteId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -768,6 +769,48 @@ impl SiteStore {
         self.read_ledger(&meta)
     }
 
+    /// Peers' certificate keys as this site first met them in secure aggregation.
+    pub fn pins(&self) -> Result<Pins, StoreError> {
+        Ok(self.meta(PINS_KEY)?.unwrap_or_default())
+    }
+
+    /// Pin peers met for the first time; a peer already pinned keeps its pin.
+    pub fn pin_peers(&self, met: &Pins) -> Result<(), StoreError> {
+        self.update_pins(|pins| {
+            for (site, key) in met {
+                pins.entry(site.clone()).or_insert(*key);
+            }
+            true
+        })
+    }
+
+    /// Forget a peer's pin (after its deliberate re-enrolment); `false` if none.
+    pub fn forget_pin(&self, site: &SiteId) -> Result<bool, StoreError> {
+        let mut found = false;
+        self.update_pins(|pins| {
+            found = pins.remove(site).is_some();
+            found
+        })?;
+        Ok(found)
+    }
+
+    fn update_pins(&self, change: impl FnOnce(&mut Pins) -> bool) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+            let mut pins: Pins = match meta.get(PINS_KEY).map_err(|e| self.db_err(e))? {
+                Some(bytes) => codec::decode(bytes.value()).map_err(|e| self.corrupt(e))?,
+                None => Pins::new(),
+            };
+            if change(&mut pins) {
+                let bytes = codec::encode(&pins).map_err(|e| self.corrupt(e))?;
+                meta.insert(PINS_KEY, bytes.as_slice())
+                    .map_err(|e| self.db_err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e))
+    }
+
     /// The popularity prior this site released under DP, if it has.
     pub fn prior_release(&self) -> Result<Option<PriorRelease>, StoreError> {
         self.meta(PRIOR_KEY)
@@ -856,6 +899,9 @@ pub struct PriorRelease {
     /// Noisy per-item counts.
     pub counts: Vec<f64>,
 }
+
+/// Where peers' pinned keys are kept.
+const PINS_KEY: &str = "peer-pins";
 
 /// Where the site-wide privacy ledger is kept.
 const LEDGER_KEY: &str = "privacy-ledger";
@@ -959,5 +1005,26 @@ mod tests {
             .unwrap();
         assert!(refused.is_err(), "{refused:?}");
         assert_eq!(store.ledger().unwrap().entries.len(), 2);
+    }
+
+    #[test]
+    fn a_pin_is_kept_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SiteStore::open(&dir.path().join("store.redb")).unwrap();
+        let peer = SiteId::new("site-b").unwrap();
+        store
+            .pin_peers(&Pins::from([(peer.clone(), [1; 32])]))
+            .unwrap();
+        // Meeting the peer again with another key does not move the pin.
+        store
+            .pin_peers(&Pins::from([(peer.clone(), [2; 32])]))
+            .unwrap();
+        assert_eq!(store.pins().unwrap()[&peer], [1; 32]);
+        assert!(store.forget_pin(&peer).unwrap());
+        assert!(!store.forget_pin(&peer).unwrap());
+        store
+            .pin_peers(&Pins::from([(peer.clone(), [2; 32])]))
+            .unwrap();
+        assert_eq!(store.pins().unwrap()[&peer], [2; 32]);
     }
 }

@@ -545,6 +545,16 @@ fn enroll(args: EnrollArgs) -> Result<()> {
 fn serve(config: &Path) -> Result<()> {
     let config =
         CoordinatorConfig::load(config).context("loading the coordinator configuration")?;
+    let ca_key = config.pki_dir().ca_key();
+    if ca_key.exists() {
+        tracing::warn!(
+            path = %ca_key.display(),
+            "the franchise CA key is on the coordinator's machine: whoever runs the coordinator \
+             can issue certificates in sites' names. Sites pin the peers they have met, but for \
+             the guarantees in docs/architecture.md keep the CA key offline with its custodian \
+             (it is needed only by `enroll`)"
+        );
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let server = Server::bind(config)?;

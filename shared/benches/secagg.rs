@@ -27,8 +27,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::Parser;
 use potluck_shared::secagg::{
-    Client, ClientMessage, Encoding, Floor, Outcome, PeerVerifier, Server, ServerMessage, Setup,
-    SiteSigner,
+    Client, ClientMessage, Encoding, Floor, Identity, Outcome, PeerVerifier, Server, ServerMessage,
+    Setup, SiteSigner,
 };
 use potluck_shared::tls::{self, Validity};
 use potluck_shared::wire::{CoordinatorMessage, SiteMessage, codec};
@@ -236,18 +236,13 @@ fn round(meter: &mut ServerMeter, pki: &Pki, length: usize, dropout_pct: usize, 
             light.clone()
         };
         let start = Instant::now();
-        let verifier = pki.verifier.clone();
-        let floor = Floor::default();
-        let client = Client::new(
-            round,
-            setup,
-            &CONTEXT,
-            signer.clone(),
-            verifier,
-            &floor,
-            &mut rng,
-        )
-        .expect("client");
+        let identity = Identity {
+            signer: signer.clone(),
+            verifier: pki.verifier.clone(),
+            floor: Floor::default(),
+            pins: Default::default(),
+        };
+        let client = Client::new(round, setup, &CONTEXT, &identity, &mut rng).expect("client");
         if measured {
             cost.client += start.elapsed();
         }

@@ -30,6 +30,7 @@ async fn doomed_site(f: &Franchise, i: usize, addr: std::net::SocketAddr, death:
         signer: Arc::new(SiteSigner::new(&identity.chain[0], &identity.key).unwrap()),
         verifier: PeerVerifier::new(identity.ca.clone()).unwrap(),
         floor: Default::default(),
+        pins: Default::default(),
     };
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(tls::client_config(identity).unwrap());

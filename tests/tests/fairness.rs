@@ -86,6 +86,7 @@ fn sites(ca: &tls::Credentials, verifier: &PeerVerifier) -> (Vec<Site>, Menu) {
                 signer: Arc::new(SiteSigner::new(&cert, &key).unwrap()),
                 verifier: verifier.clone(),
                 floor: Default::default(),
+                pins: Default::default(),
             };
             Site {
                 id: site.site.clone(),

@@ -8,7 +8,7 @@ use super::{aggregate_vector, update_weight};
 use crate::dp::{self, Contribution, Step};
 use crate::ids::{ModelVersion, RoundId};
 use crate::model::GlobalModel;
-use crate::secagg::{self, PeerVerifier, SiteSigner};
+use crate::secagg;
 use crate::wire::{
     CoordinatorMessage, EvalCounts, EvalReport, PROTOCOL_VERSION, RoundTask, SiteMessage,
     SiteUpdate,
@@ -40,6 +40,9 @@ pub enum SiteEvent {
     },
     /// Serve this model (recommend with it) from now on: it was released.
     ServeModel(Arc<GlobalModel>),
+    /// Secure aggregation met these peers for the first time: keep their
+    /// keys (pin them), so that a changed one is refused in later rounds.
+    PeersMet(secagg::Pins),
 }
 
 /// The coordinator broke the protocol; the driver closes the connection.
@@ -66,15 +69,7 @@ pub enum SiteSessionError {
 }
 
 /// What a site needs to take part in secure aggregation.
-#[derive(Debug, Clone)]
-pub struct SecAggIdentity {
-    /// Signs the site's round keys with its certificate's key.
-    pub signer: Arc<SiteSigner>,
-    /// Checks peers' certificates against the franchise CA.
-    pub verifier: PeerVerifier,
-    /// The least this site accepts of a round's secure aggregation.
-    pub floor: secagg::Floor,
-}
+pub use crate::secagg::Identity as SecAggIdentity;
 
 /// A site's side of the round lifecycle.
 #[derive(Debug, Default)]
@@ -287,7 +282,14 @@ impl SiteSession {
             return; // a round this site already left
         };
         match client.handle_message(message, now, rng) {
-            Ok(()) => self.flush_secagg(),
+            Ok(()) => {
+                let met = client.take_unpinned();
+                if let Some(identity) = self.identity.as_mut().filter(|_| !met.is_empty()) {
+                    identity.pins.extend(met.clone());
+                    self.events.push_back(SiteEvent::PeersMet(met));
+                }
+                self.flush_secagg();
+            }
             Err(e) => self.decline(round, format!("secure aggregation aborted: {e}")),
         }
     }
@@ -308,16 +310,8 @@ impl SiteSession {
         let context = task
             .digest()
             .map_err(|e| format!("cannot digest the round: {e}"))?;
-        let client = secagg::Client::new(
-            task.round,
-            setup.clone(),
-            &context,
-            identity.signer.clone(),
-            identity.verifier.clone(),
-            &identity.floor,
-            rng,
-        )
-        .map_err(|e| format!("secure aggregation refused: {e}"))?;
+        let client = secagg::Client::new(task.round, setup.clone(), &context, identity, rng)
+            .map_err(|e| format!("secure aggregation refused: {e}"))?;
         self.secagg = Some(client);
         self.flush_secagg();
         Ok(())

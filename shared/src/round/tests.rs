@@ -98,6 +98,7 @@ impl Harness {
             signer: std::sync::Arc::new(crate::secagg::SiteSigner::new(&cert, &key).unwrap()),
             verifier: self.verifier.clone(),
             floor: crate::secagg::Floor::default(),
+            pins: Default::default(),
         };
         let mut session = SiteSession::new("test", Some(identity));
         let hello = session.poll_transmit().unwrap();

@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 use super::crypto::{self, ScalarPart};
 use super::identity::{PeerVerifier, SiteSigner, signature_valid};
 use super::{
-    ClientError, ClientMessage, Floor, RosterEntry, ServerMessage, Setup, ShareCommitments,
+    ClientError, ClientMessage, Identity, Pins, RosterEntry, ServerMessage, Setup, ShareCommitments,
 };
 use crate::ids::{RoundId, SiteId};
 
@@ -45,6 +45,9 @@ pub struct Client {
     me: SiteId,
     signer: Arc<SiteSigner>,
     verifier: PeerVerifier,
+    pins: Pins,
+    /// Peers met for the first time this round, to pin.
+    unpinned: Pins,
     cipher_secret: Zeroizing<Scalar>,
     mask_secret: Zeroizing<Scalar>,
     self_secret: Zeroizing<Scalar>,
@@ -75,19 +78,18 @@ impl Client {
     ///
     /// `context` is a digest of the round's parameters outside secure
     /// aggregation, as this site received them; it is signed with the setup,
-    /// so the round fails unless every site was sent the same. `floor` is
-    /// this site's own minimum.
+    /// so the round fails unless every site was sent the same. The
+    /// `identity` carries this site's own floor and pins.
     pub fn new<R: CryptoRng + ?Sized>(
         round: RoundId,
         setup: Setup,
         context: &[u8; 32],
-        signer: Arc<SiteSigner>,
-        verifier: PeerVerifier,
-        floor: &Floor,
+        identity: &Identity,
         rng: &mut R,
     ) -> Result<Self, ClientError> {
         setup.check()?;
-        floor.check(&setup)?;
+        identity.floor.check(&setup)?;
+        let signer = identity.signer.clone();
         let digest = crypto::setup_digest(&setup, context);
         let me = signer.site().clone();
         if setup.index_of(&me).is_none() {
@@ -113,7 +115,9 @@ impl Client {
             digest,
             me,
             signer,
-            verifier,
+            verifier: identity.verifier.clone(),
+            pins: identity.pins.clone(),
+            unpinned: Pins::new(),
             cipher_secret,
             mask_secret,
             self_secret,
@@ -131,6 +135,12 @@ impl Client {
     /// The round.
     pub fn round(&self) -> RoundId {
         self.round
+    }
+
+    /// Peers whose roster entries this site accepted without a pin (met
+    /// for the first time), once: the driver pins them.
+    pub fn take_unpinned(&mut self) -> Pins {
+        std::mem::take(&mut self.unpinned)
     }
 
     /// A message from the coordinator; an error aborts this site's part in the round.
@@ -198,6 +208,12 @@ impl Client {
             return Err(ClientError::OwnKeysAltered);
         }
         self.threshold_met(self.peers.len())?;
+        self.unpinned = self
+            .peers
+            .iter()
+            .filter(|(site, _)| **site != self.me && !self.pins.contains_key(*site))
+            .map(|(site, peer)| (site.clone(), peer.verify_key))
+            .collect();
         let n = self.setup.cohort.len();
         let (mask_parts, mask_key) = crypto::split(&self.mask_secret, self.setup.threshold, n, rng);
         let (self_parts, self_mask) =
@@ -242,6 +258,13 @@ impl Client {
         })?;
         if verified.site != entry.site {
             return Err(ClientError::BadRosterEntry(entry.site.clone()));
+        }
+        if self
+            .pins
+            .get(&entry.site)
+            .is_some_and(|pinned| *pinned != verified.public_key)
+        {
+            return Err(ClientError::PinMismatch(entry.site.clone()));
         }
         let transcript = crypto::advertise_transcript(
             self.round,

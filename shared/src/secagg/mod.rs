@@ -237,6 +237,25 @@ impl Floor {
     }
 }
 
+/// Peers' certificate keys as this site first met them, by site: a key
+/// that changes is refused until this site's own operator forgets the pin
+/// (`potluck-agent peers forget`). Whoever holds the franchise CA key can
+/// issue a certificate in any site's name; a pinned key it cannot forge.
+pub type Pins = std::collections::BTreeMap<SiteId, [u8; 32]>;
+
+/// What a site brings to secure aggregation.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Signs the site's round keys with its certificate's key.
+    pub signer: std::sync::Arc<SiteSigner>,
+    /// Checks peers' certificates against the franchise CA.
+    pub verifier: PeerVerifier,
+    /// The least this site accepts of a round's secure aggregation.
+    pub floor: Floor,
+    /// Peers' keys as first met.
+    pub pins: Pins,
+}
+
 /// A site's Feldman commitments to the polynomials that share its two
 /// secrets (compressed Ristretto points, `t` each): they let the coordinator
 /// tell a false unmask share from a true one, and name its sender.
@@ -334,6 +353,14 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// A peer's certificate carries another key than the one this site
+    /// pinned for it: a re-issued certificate, possibly an impersonation.
+    #[error(
+        "peer {0}: its certificate key is not the one this site pinned for it \
+         (a re-issued certificate; if the site was re-enrolled on purpose, \
+         run `potluck-agent peers forget --site {0}` here)"
+    )]
+    PinMismatch(SiteId),
     /// A peer's key signature is invalid: its keys were altered or replaced.
     #[error("peer {0}: its round keys are not signed by its certificate (substituted keys?)")]
     BadSignature(SiteId),

@@ -23,6 +23,8 @@ struct Pki {
     verifier: PeerVerifier,
     signers: Vec<Arc<SiteSigner>>,
     certs: BTreeMap<SiteId, Vec<u8>>,
+    /// The franchise CA, to re-issue certificates as its holder could.
+    ca: tls::Credentials,
 }
 
 fn pki(n: usize) -> Pki {
@@ -42,7 +44,16 @@ fn pki(n: usize) -> Pki {
         verifier: PeerVerifier::new(ca_der).unwrap(),
         signers,
         certs,
+        ca,
     }
+}
+
+/// A new certificate and key in `site`'s name, from the franchise CA.
+fn reissue(pki: &Pki, site: &SiteId) -> Arc<SiteSigner> {
+    let creds = tls::issue_site_cert(&pki.ca, site, Validity::days_from_now(1)).unwrap();
+    let cert = CertificateDer::from_pem_slice(creds.cert_pem.as_bytes()).unwrap();
+    let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes()).unwrap();
+    Arc::new(SiteSigner::new(&cert, &key).unwrap())
 }
 
 fn setup(pki: &Pki, threshold: usize, length: usize) -> Setup {
@@ -53,6 +64,16 @@ fn setup(pki: &Pki, threshold: usize, length: usize) -> Setup {
         threshold,
         encoding,
         length,
+    }
+}
+
+/// A site's identity: no floor beyond the protocol's, no pins yet.
+fn identity(pki: &Pki, signer: &Arc<SiteSigner>) -> Identity {
+    Identity {
+        signer: signer.clone(),
+        verifier: pki.verifier.clone(),
+        floor: Floor::default(),
+        pins: Pins::new(),
     }
 }
 
@@ -68,16 +89,8 @@ fn new_client(
     input: Vec<u32>,
     rng: &mut StdRng,
 ) -> Client {
-    let mut client = Client::new(
-        round,
-        setup.clone(),
-        context,
-        signer.clone(),
-        pki.verifier.clone(),
-        &Floor::default(),
-        rng,
-    )
-    .unwrap();
+    let mut client =
+        Client::new(round, setup.clone(), context, &identity(pki, signer), rng).unwrap();
     client.handle_input(input).unwrap();
     client
 }
@@ -735,17 +748,11 @@ fn a_site_refuses_a_setup_below_its_own_floor() {
     let pki = pki(5);
     let mut rng = StdRng::seed_from_u64(1);
     let client = |setup: &Setup, floor: &Floor, rng: &mut StdRng| {
-        let signer = pki.signers[0].clone();
-        Client::new(
-            RoundId(1),
-            setup.clone(),
-            &CONTEXT,
-            signer,
-            pki.verifier.clone(),
-            floor,
-            rng,
-        )
-        .map(|_| ())
+        let identity = Identity {
+            floor: *floor,
+            ..identity(&pki, &pki.signers[0])
+        };
+        Client::new(RoundId(1), setup.clone(), &CONTEXT, &identity, rng).map(|_| ())
     };
     // Against one colluding site, 3 of 5 is too low: a split view of two
     // groups of 3 signers overlaps in one site only. 4 of 5 is enough.
@@ -777,4 +784,83 @@ fn a_site_refuses_a_setup_below_its_own_floor() {
     // The noise counted on is that of the honest survivors only.
     assert_eq!(one_colluder.honest_survivors(4), 3);
     assert_eq!(Floor::default().honest_survivors(4), 4);
+}
+
+/// A roster entry from a client's advertisement.
+fn advertised(client: &mut Client, signer: &SiteSigner) -> RosterEntry {
+    let Some(ClientMessage::AdvertiseKeys {
+        cipher_pk,
+        mask_pk,
+        signature,
+    }) = client.poll_transmit()
+    else {
+        panic!("a new client advertises first");
+    };
+    RosterEntry {
+        site: signer.site().clone(),
+        cert: signer.cert().to_vec(),
+        cipher_pk,
+        mask_pk,
+        signature,
+    }
+}
+
+/// Attack: the coordinator's operator, holding the CA key, re-issues
+/// certificates in the names of site A's peers and stands in for them, to
+/// collect A's shares and rebuild its self mask. A site that has met its
+/// peers before pinned their keys and refuses the stand-ins, naming them.
+#[test]
+fn a_certificate_re_issued_for_a_pinned_peer_is_refused() {
+    let pki = pki(4);
+    let setup = setup(&pki, 3, 8);
+    let mut rng = StdRng::seed_from_u64(6);
+    let round = RoundId(2);
+    let now = SystemTime::now();
+    let impersonated = setup.cohort[1].clone();
+    let entry = |signer: &Arc<SiteSigner>, identity: &Identity, rng: &mut StdRng| {
+        let mut client = Client::new(round, setup.clone(), &CONTEXT, identity, rng).unwrap();
+        let entry = advertised(&mut client, signer);
+        (client, entry)
+    };
+    let peers = |i: usize| &pki.signers[i];
+    let honest: Vec<RosterEntry> = (1..4)
+        .map(|i| entry(peers(i), &identity(&pki, peers(i)), &mut rng).1)
+        .collect();
+    let stand_in_signer = reissue(&pki, &impersonated);
+    let mut forged = honest.clone();
+    forged[0] = entry(
+        &stand_in_signer,
+        &identity(&pki, &stand_in_signer),
+        &mut rng,
+    )
+    .1;
+    let real_keys: Pins = (1..4)
+        .map(|i| {
+            let key = identity::certificate_key(peers(i).cert()).unwrap();
+            (setup.cohort[i].clone(), key)
+        })
+        .collect();
+    let pinned = Identity {
+        pins: real_keys.clone(),
+        ..identity(&pki, peers(0))
+    };
+    let shown = |who: &Identity, others: &[RosterEntry], rng: &mut StdRng| {
+        let (mut client, own) = entry(peers(0), who, rng);
+        let roster: Vec<RosterEntry> = std::iter::once(own).chain(others.iter().cloned()).collect();
+        let result = client.handle_message(ServerMessage::Roster(Arc::new(roster)), now, rng);
+        (result, client.take_unpinned())
+    };
+    // Meeting its peers for the first time, a site has nothing to tell the
+    // stand-in by; it pins what it met (this is what pinning is for).
+    let (first, met) = shown(&identity(&pki, peers(0)), &forged, &mut rng);
+    assert_eq!(first, Ok(()));
+    assert_eq!(met.len(), 3);
+    assert_ne!(met[&impersonated], real_keys[&impersonated]);
+    // Having met the real peers, it refuses the stand-in and names it...
+    let (refused, _) = shown(&pinned, &forged, &mut rng);
+    assert_eq!(refused, Err(ClientError::PinMismatch(impersonated)));
+    // ...and still accepts the real ones, pinning nothing new.
+    let (accepted, met) = shown(&pinned, &honest, &mut rng);
+    assert_eq!(accepted, Ok(()));
+    assert!(met.is_empty());
 }
