@@ -153,6 +153,10 @@ for site in "${SITE_IDS[@]}"; do
     # Sites refuse rounds without privacy unless told otherwise.
     sed -i 's/^require = true$/require = false/' "$OUT/sites/$site/agent.toml"
   fi
+  # The demo's sites hold synthetic customers: they report exact evaluation
+  # counts, so that the dashboard can plot HR@10 per round. A real site keeps
+  # this off (it is an uncharged counting oracle; see the README).
+  sed -i 's/^dangerous_plain_evaluation = false$/dangerous_plain_evaluation = true/' "$OUT/sites/$site/agent.toml"
   # Each site's till API on its own port (127.0.0.1:8477, 8478, ...).
   sed -i "s/^listen = \"127.0.0.1:8477\"$/listen = \"127.0.0.1:$API_PORT\"/" "$OUT/sites/$site/agent.toml"
   API_PORT=$((API_PORT + 1))

@@ -105,7 +105,9 @@ enum Job {
 }
 
 enum Done {
-    Evaluated(ModelVersion, EvalCounts),
+    /// A model evaluated here; the counts are sent only if `.2` (see
+    /// `[privacy] dangerous_plain_evaluation`).
+    Evaluated(ModelVersion, EvalCounts, bool),
     /// Trained for a round, or audited in one: what to contribute.
     Trained(Box<RoundTask>, Result<Work, String>),
 }
@@ -407,11 +409,11 @@ impl Agent {
 
     fn apply(&self, done: Done, session: &mut SiteSession) {
         match done {
-            Done::Evaluated(version, counts) => {
+            Done::Evaluated(version, counts, plain) => {
                 if let Some((hr, _)) = counts.model.means(counts.cases) {
                     info!(site = %self.config.site_id, %version, hr_at_10 = format!("{hr:.3}"), cases = counts.cases, "evaluated model");
                 }
-                session.handle_evaluated(version, counts);
+                session.handle_evaluated(version, evaluation::report(counts, plain));
             }
             Done::Trained(task, Ok(Work::Plain(trained))) => {
                 debug!(site = %self.config.site_id, round = %task.round, loss = trained.loss, "trained");
@@ -498,7 +500,11 @@ impl WorkerContext {
                 .expect("the compute semaphore is never closed")
         });
         let done = match job {
-            Job::Model(model) => Done::Evaluated(model.version, on_model(&self.store, &model)),
+            Job::Model(model) => Done::Evaluated(
+                model.version,
+                on_model(&self.store, &model),
+                self.limits.dangerous_plain_evaluation,
+            ),
             Job::Audit(task, model) => {
                 let seed = self.simulation.as_ref().map(|s| s.seed);
                 let mut rng = round_rng(seed, &self.site, task.round, "audit");

@@ -192,6 +192,13 @@ pub struct PrivacyLimits {
     pub window_days: Option<u32>,
     /// Refuse rounds without distributed differential privacy.
     pub require: bool,
+    /// Send the coordinator this site's exact evaluation counts of every
+    /// model it receives. They are not noised nor charged, and the model and
+    /// menu are the coordinator's choice, so a crafted model turns them into
+    /// exact counts of customers with given histories: only for research on
+    /// synthetic or otherwise public data. Off, the site evaluates each model
+    /// for its own log and sends an empty report.
+    pub dangerous_plain_evaluation: bool,
 }
 
 impl Default for PrivacyLimits {
@@ -201,6 +208,7 @@ impl Default for PrivacyLimits {
             delta: 1e-6,
             window_days: None,
             require: true,
+            dangerous_plain_evaluation: false,
         }
     }
 }

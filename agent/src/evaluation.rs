@@ -191,6 +191,16 @@ pub fn gp_topfreq(own: &[u32], popular: &[u32]) -> Vec<u32> {
     ranked
 }
 
+/// What of a model's evaluation leaves this site: nothing (an empty report)
+/// unless the site opted in to sending exact counts (`[privacy]
+/// dangerous_plain_evaluation`). The counts are exact, and the model and its
+/// menu are the coordinator's choice: a model whose menu is one item, or whose
+/// biases single one out, turns `cases` and `hits` into exact counts of
+/// customers with given histories, and differencing versions isolates one.
+pub fn report(counts: EvalCounts, plain: bool) -> EvalCounts {
+    if plain { counts } else { EvalCounts::default() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

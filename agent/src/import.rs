@@ -87,9 +87,6 @@ pub struct RowError {
     pub line: u64,
     /// What is wrong.
     pub reason: String,
-    /// The row's fields as read.
-    #[serde(skip)]
-    pub fields: Vec<String>,
 }
 
 /// How to import.
@@ -162,8 +159,6 @@ pub struct Parsed {
     pub errors: Vec<RowError>,
     /// Data rows read.
     pub rows: u64,
-    /// The header.
-    pub header: Vec<String>,
     /// Columns kept.
     pub kept_columns: Vec<KeptColumn>,
     /// Ignored columns.
@@ -196,11 +191,9 @@ pub fn import_file(
             .rejects
             .clone()
             .unwrap_or_else(|| PathBuf::from(format!("{name}.rejects.csv")));
-        write_rejects(&target, &parsed.header, &parsed.errors).map_err(|source| {
-            ImportError::Io {
-                path: target.display().to_string(),
-                source,
-            }
+        write_rejects(&target, &parsed.errors).map_err(|source| ImportError::Io {
+            path: target.display().to_string(),
+            source,
         })?;
         Some(target.display().to_string())
     };
@@ -258,7 +251,6 @@ pub fn parse(
     let (kept_columns, dropped_columns) = sort_columns(&header, audit_columns);
     let items: HashSet<&str> = menu.items().iter().map(|i| i.item_id.as_str()).collect();
     let mut parsed = Parsed {
-        header: header.clone(),
         kept_columns,
         dropped_columns,
         ..Parsed::default()
@@ -275,13 +267,11 @@ pub fn parse(
                 parsed.errors.push(RowError {
                     line,
                     reason: e.to_string(),
-                    fields: vec![],
                 });
                 continue;
             }
         };
         let line = record.position().map_or(parsed.rows + 1, |p| p.line());
-        let fields: Vec<String> = record.iter().map(str::to_string).collect();
         let field = |name: &str| record.get(columns[name]).unwrap_or("");
         let consent = consent_col.map(|c| record.get(c).unwrap_or(""));
         let attributes: Vec<(&str, &str)> = attribute_cols
@@ -295,11 +285,7 @@ pub fn parse(
             }
         });
         match checked {
-            Err(reason) => parsed.errors.push(RowError {
-                line,
-                reason,
-                fields,
-            }),
+            Err(reason) => parsed.errors.push(RowError { line, reason }),
             Ok((order_line, consent)) => {
                 let seen = orders
                     .entry(order_line.order_id.clone())
@@ -309,11 +295,7 @@ pub fn parse(
                         "order {:?} has another customer or timestamp at line {}",
                         order_line.order_id, seen.2
                     );
-                    parsed.errors.push(RowError {
-                        line,
-                        reason,
-                        fields,
-                    });
+                    parsed.errors.push(RowError { line, reason });
                     continue;
                 }
                 let key = (
@@ -326,11 +308,7 @@ pub fn parse(
                         "item {:?} appears twice in order {:?}",
                         order_line.item_id, order_line.order_id
                     );
-                    parsed.errors.push(RowError {
-                        line,
-                        reason,
-                        fields,
-                    });
+                    parsed.errors.push(RowError { line, reason });
                     continue;
                 }
                 let facts = parsed
@@ -432,15 +410,21 @@ fn validate<'a>(
     ))
 }
 
-fn write_rejects(path: &Path, header: &[String], errors: &[RowError]) -> std::io::Result<()> {
-    let mut w = csv::WriterBuilder::new().flexible(true).from_path(path)?;
-    let mut head = vec!["line".to_string(), "reason".to_string()];
-    head.extend(header.iter().cloned());
-    w.write_record(&head)?;
+/// The rejects file: line numbers and reasons only, readable by this user
+/// alone. It holds none of the rows' fields (the source file has them), so it
+/// keeps nothing the import drops and nothing an erasure would have to find.
+fn write_rejects(path: &Path, errors: &[RowError]) -> std::io::Result<()> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["line", "reason"])?;
     for e in errors {
-        let mut row = vec![e.line.to_string(), e.reason.clone()];
-        row.extend(e.fields.iter().cloned());
-        w.write_record(&row)?;
+        w.write_record([e.line.to_string(), e.reason.clone()])?;
     }
-    w.flush()
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    let text = String::from_utf8(bytes).map_err(std::io::Error::other)?;
+    // A file that exists already keeps its mode when rewritten: start afresh.
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    potluck_shared::tls::write_private(path, &text)
 }

@@ -50,6 +50,9 @@ pub fn agent_toml(
          max_epsilon = 8.0\n\
          delta = 1e-6\n\
          require = true\n\
+         # Send the coordinator exact, unnoised evaluation counts of every model it\n\
+         # sends: a counting oracle on your customers. Research on synthetic data only.\n\
+         dangerous_plain_evaluation = false\n\
          \n\
          # The least this site accepts of secure aggregation, whatever the\n\
          # coordinator proposes: the smallest cohort, and how many cohort members\n\

@@ -115,6 +115,10 @@ pub fn prepare(
         agent.data.retention_days = None;
         agent.api.enabled = false;
         agent.privacy.require = privacy;
+        // Research on synthetic or public data: every site reports its exact
+        // evaluation counts, which the figures are made of. A real site keeps
+        // this off (see `dangerous_plain_evaluation`).
+        agent.privacy.dangerous_plain_evaluation = true;
         agent.privacy.max_epsilon = agent.privacy.max_epsilon.max(target);
         for column in &audited {
             agent

@@ -150,6 +150,8 @@ impl Franchise {
         config.coordinator = coordinator;
         // Many agents share this machine: each API takes a free port.
         config.api.listen = "127.0.0.1:0".parse()?;
+        // Synthetic customers: the tests read the coordinator's evaluation figures.
+        config.privacy.dangerous_plain_evaluation = true;
         Ok(config)
     }
 
