@@ -90,6 +90,27 @@ impl AuditLog {
 
     /// Verify the whole log; returns the number of entries.
     pub fn verify(&self) -> Result<u64, AuditError> {
+        self.verify_anchored(&Head::default())
+    }
+
+    /// Verify the log, and that it still holds the entry `anchor` names
+    /// (see [`AuditLog::anchor`]); a default anchor checks the chain only.
+    pub fn verify_anchored(&self, anchor: &Head) -> Result<u64, AuditError> {
+        let (text, head) = self.read()?;
+        audit::verify_anchored(text.lines(), &head, anchor).map_err(|tamper| AuditError::Tampered {
+            path: self.log.display().to_string(),
+            tamper,
+        })
+    }
+
+    /// The head of a verified log: what an auditor keeps, away from this
+    /// machine, to check later that history was neither wiped nor rewritten.
+    pub fn anchor(&self) -> Result<Head, AuditError> {
+        self.verify()?;
+        Ok(self.read()?.1)
+    }
+
+    fn read(&self) -> Result<(String, Head), AuditError> {
         let text = match std::fs::read_to_string(&self.log) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -100,10 +121,7 @@ impl AuditLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Head::default(),
             Err(e) => return Err(io(&self.head)(e)),
         };
-        audit::verify(text.lines(), &head).map_err(|tamper| AuditError::Tampered {
-            path: self.log.display().to_string(),
-            tamper,
-        })
+        Ok((text, head))
     }
 }
 

@@ -251,9 +251,21 @@ enum AuditCommand {
         /// The agent's configuration file.
         #[arg(long, default_value = "/etc/potluck/agent.toml")]
         config: PathBuf,
+        /// An anchor written earlier by `audit anchor`: the log must still
+        /// hold the entry it names, unchanged (a wiped or rewritten log fails).
+        #[arg(long)]
+        anchor: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the head of the verified log (its last entry's number and hash)
+    /// as JSON: an anchor for the auditor to keep away from this machine and
+    /// pass to `audit verify --anchor` later.
+    Anchor {
+        /// The agent's configuration file.
+        #[arg(long, default_value = "/etc/potluck/agent.toml")]
+        config: PathBuf,
     },
 }
 
@@ -292,7 +304,12 @@ fn main() -> Result<()> {
             grant,
             withdraw: _,
         } => consent(&who, grant),
-        Command::Audit(AuditCommand::Verify { config, json }) => audit_verify(&config, json),
+        Command::Audit(AuditCommand::Verify {
+            config,
+            anchor,
+            json,
+        }) => audit_verify(&config, anchor.as_deref(), json),
+        Command::Audit(AuditCommand::Anchor { config }) => audit_anchor(&config),
         Command::Model(ModelCommand::Load { config, file }) => load_model(&config, &file),
         Command::Subject(command) => subject(command),
         Command::LocalOnly {
@@ -625,10 +642,26 @@ fn audit_request(
     Ok(())
 }
 
-fn audit_verify(config: &Path, json: bool) -> Result<()> {
+fn audit_anchor(config: &Path) -> Result<()> {
+    let config = load_config(config)?;
+    let head = AuditLog::new(&config.state_dir).anchor()?;
+    println!("{}", serde_json::to_string(&head)?);
+    Ok(())
+}
+
+fn audit_verify(config: &Path, anchor: Option<&Path>, json: bool) -> Result<()> {
     let config = load_config(config)?;
     let audit = AuditLog::new(&config.state_dir);
-    let result = audit.verify();
+    let anchor: potluck_shared::audit::Head = match anchor {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the anchor {}", path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not an audit anchor", path.display()))?
+        }
+        None => Default::default(),
+    };
+    let result = audit.verify_anchored(&anchor);
     if json {
         let out = match &result {
             Ok(entries) => serde_json::json!({"ok": true, "entries": entries}),

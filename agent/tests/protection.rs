@@ -101,7 +101,7 @@ fn after_erase_nothing_of_the_customer_decrypts_even_from_old_pages() {
     // An attacker with the old file (or its free pages) and today's keys.
     let old = tempfile::tempdir().unwrap();
     std::fs::write(old.path().join("store.redb"), &before_erase).unwrap();
-    for key_file in ["store.keys", "master.key"] {
+    for key_file in ["store.keys", "store.ringkey", "master.key"] {
         std::fs::copy(dir.path().join(key_file), old.path().join(key_file)).unwrap();
     }
     let old_store = SiteStore::open(&old.path().join("store.redb")).unwrap();
@@ -111,6 +111,52 @@ fn after_erase_nothing_of_the_customer_decrypts_even_from_old_pages() {
         "the erased customer's records do not open"
     );
     assert!(old_store.export(&kept).unwrap().is_some());
+}
+
+/// Attack: the ring file is rewritten by rename, so an older copy of it (a
+/// freed block, a backup, a snapshot) still holds an erased customer's data
+/// key. With every key the site still holds, that copy must not open.
+#[test]
+fn after_erase_an_older_copy_of_the_key_ring_opens_under_no_key_the_site_holds() {
+    let (data, dir, store) = imported(30);
+    let gone = data.sites[0].rows[0].customer_id.clone();
+    let before: Vec<(&str, Vec<u8>)> = ["store.redb", "store.keys"]
+        .into_iter()
+        .map(|f| (f, std::fs::read(dir.path().join(f)).unwrap()))
+        .collect();
+    store.erase(&gone).unwrap().expect("held before erasure");
+    drop(store);
+
+    // The old store and old ring, with today's master key and ring key.
+    let attacker = tempfile::tempdir().unwrap();
+    for (file, bytes) in &before {
+        std::fs::write(attacker.path().join(file), bytes).unwrap();
+    }
+    for key_file in ["master.key", "store.ringkey"] {
+        std::fs::copy(dir.path().join(key_file), attacker.path().join(key_file)).unwrap();
+    }
+    match SiteStore::open(&attacker.path().join("store.redb")) {
+        Err(e) => assert!(e.to_string().contains("does not open"), "{e}"),
+        Ok(old) => assert_eq!(old.export(&gone).unwrap(), None, "the old ring opened"),
+    }
+    // Nothing the agent wrote names the customer in the clear.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "csv") {
+            continue; // the operator's own source file
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(!contains(&bytes, &gone), "{} names {gone}", path.display());
+    }
+    // The site itself still opens its store, and its other customers.
+    let store = SiteStore::open(&dir.path().join("store.redb")).unwrap();
+    let kept = &data.sites[0]
+        .rows
+        .iter()
+        .find(|r| r.customer_id != gone)
+        .unwrap()
+        .customer_id;
+    assert!(store.export(kept).unwrap().is_some());
 }
 
 #[test]

@@ -165,11 +165,13 @@ fn leaving(out: &mut String, f: &Facts<'_>) {
          it can issue certificates in other sites' names and, with them, stand in for every peer of \
          a site (see the threat model in `docs/architecture.md`). Rounds need at least {} sites \
          (`[rounds] min_sites`).\n\n\
-         Each site also sends, for each global model version it receives, evaluation counts: \
-         the number of its customers' held-out last orders and how many of them the model, \
-         the site's popular items and the customer's own favourites ranked in the top 10. These \
-         are per site, in the clear to the coordinator, and contain no customer's data; they \
-         do reveal the site's number of consenting repeat customers.\n\n\
+         A site sends no evaluation of the models it receives unless its operator sets \
+         `[privacy] dangerous_plain_evaluation = true` in `agent.toml` (meant for research on \
+         synthetic data): those counts (held-out last orders, and how many of them the model, \
+         the site's popular items and the customer's own favourites ranked in the top 10) are \
+         exact, per site, in the clear, and on a model of the coordinator's choosing, so they \
+         can count the customers with given histories. The quality figures that reach the \
+         coordinator otherwise are the fairness audit's: securely summed, noised and charged.\n\n\
          Nothing else about customers leaves a site: no orders, identifiers, pseudonyms, \
          attributes or per-customer figures.\n",
         f.parameters + 1,

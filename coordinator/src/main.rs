@@ -227,9 +227,20 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         config: ConfigArg,
+        /// An anchor written earlier by `audit anchor`: the log must still
+        /// hold the entry it names, unchanged (a wiped or rewritten log fails).
+        #[arg(long)]
+        anchor: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the head of the verified log (its last entry's number and hash)
+    /// as JSON: an anchor for the auditor to keep away from the coordinator
+    /// and pass to `audit verify --anchor` later.
+    Anchor {
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// The fairness audit of a model version: HR@10 and NDCG@10 per group
     /// with 95% intervals, worst-to-best ratios, category exposure and its

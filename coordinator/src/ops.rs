@@ -240,9 +240,29 @@ pub fn token(command: TokenCommand) -> Result<()> {
 
 pub fn audit(command: AuditCommand) -> Result<()> {
     match command {
-        AuditCommand::Verify { config, json } => {
+        AuditCommand::Anchor { config } => {
             let (_, state) = open(&config.config)?;
-            let verified = state.verify_audit()?;
+            state
+                .verify_audit()?
+                .map_err(|t| anyhow::anyhow!("audit log TAMPERED: {t}"))?;
+            print_json(&serde_json::to_value(state.audit_head()?)?)
+        }
+        AuditCommand::Verify {
+            config,
+            anchor,
+            json,
+        } => {
+            let (_, state) = open(&config.config)?;
+            let anchor: potluck_shared::audit::Head = match anchor {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading the anchor {}", path.display()))?;
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{}: not an audit anchor", path.display()))?
+                }
+                None => Default::default(),
+            };
+            let verified = state.verify_audit_anchored(&anchor)?;
             let where_ = state.path().display().to_string();
             if json {
                 print_json(&serde_json::json!({

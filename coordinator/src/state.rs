@@ -1365,12 +1365,30 @@ impl State {
     /// Check the whole audit log; returns the number of entries, or the first
     /// entry edited, removed or reordered (`line` is its position in the table).
     pub fn verify_audit(&self) -> Result<Result<u64, Tamper>, StateError> {
+        self.verify_audit_anchored(&audit::Head::default())
+    }
+
+    /// [`State::verify_audit`], and that the log still holds the entry an
+    /// auditor's `anchor` names, unchanged (see [`State::audit_head`]).
+    pub fn verify_audit_anchored(
+        &self,
+        anchor: &audit::Head,
+    ) -> Result<Result<u64, Tamper>, StateError> {
         let lines: Vec<String> =
             self.rows("SELECT entry FROM audit ORDER BY position", [], |r| {
                 r.get(0)
             })?;
         let head = read_head(&self.conn).map_err(self.db())?;
-        Ok(audit::verify(lines.iter().map(String::as_str), &head))
+        Ok(audit::verify_anchored(
+            lines.iter().map(String::as_str),
+            &head,
+            anchor,
+        ))
+    }
+
+    /// The recorded head of the audit log: an anchor for an auditor to keep.
+    pub fn audit_head(&self) -> Result<audit::Head, StateError> {
+        read_head(&self.conn).map_err(self.db())
     }
 }
 

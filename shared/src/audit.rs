@@ -7,7 +7,13 @@
 //! `hash_0` (before the first entry) is 32 zero bytes. Editing an entry breaks
 //! its hash; removing or reordering entries breaks the sequence and the chain.
 //! A head file beside the log holds the last sequence number and hash, so that
-//! cutting entries off the end is detected too.
+//! cutting entries off the end is detected too, and entries after it are
+//! refused.
+//!
+//! The chain has no key: whoever can write both files can rewrite history and
+//! recompute every hash, or wipe both. An **anchor** (a head given to an
+//! auditor, kept where the writer cannot reach it) closes that: a log verified
+//! against an anchor must still hold the anchored entry, unchanged.
 //!
 //! Pure functions over lines; the files are the callers'.
 
@@ -98,6 +104,23 @@ pub enum Tamper {
         /// Its sequence number.
         seq: u64,
     },
+    /// Entries after the recorded head: written without updating it.
+    #[error(
+        "the log goes on to entry {last} after the recorded head, entry {head}: entries were \
+         added without the head (by another writer, or an append cut short)"
+    )]
+    BeyondHead {
+        /// The recorded head.
+        head: u64,
+        /// The last entry present.
+        last: u64,
+    },
+    /// The anchored entry is not the one in the log: history was rewritten.
+    #[error("entry {seq} is not the one anchored: the log was rewritten")]
+    Rewritten {
+        /// The anchored entry.
+        seq: u64,
+    },
     /// The log ends before the recorded head: its last entries were removed.
     #[error(
         "the log ends at entry {last}, but entry {head} was written: entries were cut off the end"
@@ -185,13 +208,47 @@ pub fn verify<'a>(lines: impl IntoIterator<Item = &'a str>, head: &Head) -> Resu
             head: head.seq,
         });
     }
-    if last.seq == head.seq && last.hash != head.hash {
+    if last.seq > head.seq {
+        return Err(Tamper::BeyondHead {
+            head: head.seq,
+            last: last.seq,
+        });
+    }
+    if last.hash != head.hash {
         return Err(Tamper::Unchained {
             line: entries.last().map_or(0, |(line, _)| *line),
             seq: last.seq,
         });
     }
     Ok(last.seq)
+}
+
+/// [`verify`], and that the log still holds the entry `anchor` names,
+/// unchanged: a wiped or rewritten log fails, whatever its head file says.
+pub fn verify_anchored<'a>(
+    lines: impl IntoIterator<Item = &'a str> + Clone,
+    head: &Head,
+    anchor: &Head,
+) -> Result<u64, Tamper> {
+    let last = verify(lines.clone(), head)?;
+    if anchor.seq == 0 {
+        return Ok(last);
+    }
+    if anchor.seq > last {
+        return Err(Tamper::Truncated {
+            last,
+            head: anchor.seq,
+        });
+    }
+    let anchored = lines
+        .into_iter()
+        .filter(|text| !text.trim().is_empty())
+        .nth(anchor.seq as usize - 1)
+        .and_then(|text| serde_json::from_str::<Entry>(text).ok());
+    match anchored {
+        Some(entry) if entry.hash == anchor.hash => Ok(last),
+        _ => Err(Tamper::Rewritten { seq: anchor.seq }),
+    }
 }
 
 fn entry_hash(
@@ -262,6 +319,59 @@ mod tests {
 
     fn check(lines: &[String], head: &Head) -> Result<u64, Tamper> {
         verify(lines.iter().map(String::as_str), head)
+    }
+
+    /// Attack: whoever can write the state directory wipes the log, or
+    /// rewrites it from scratch with a fresh, consistent chain and head.
+    /// Against an anchor the auditor kept, both fail; so do entries added
+    /// after the recorded head.
+    #[test]
+    fn an_anchored_log_cannot_be_wiped_rewritten_or_extended_behind_the_head() {
+        let (lines, head) = log(5);
+        let anchored = |lines: &[String], head: &Head| {
+            verify_anchored(
+                lines.iter().map(String::as_str),
+                head,
+                &Head {
+                    seq: 3,
+                    hash: serde_json::from_str::<Entry>(&log(5).0[2]).unwrap().hash,
+                },
+            )
+        };
+        assert_eq!(anchored(&lines, &head), Ok(5));
+        // Wiped: log and head gone, which on its own verifies as empty.
+        assert_eq!(check(&[], &Head::default()), Ok(0));
+        assert_eq!(
+            anchored(&[], &Head::default()),
+            Err(Tamper::Truncated { last: 0, head: 3 })
+        );
+        // Rewritten: a fresh chain, every hash recomputed, its own head.
+        let mut fake_head = Head::default();
+        let mut fake = Vec::new();
+        for i in 1..=5u64 {
+            let entry = next_entry(
+                &fake_head,
+                "2026-01-01T00:00:00Z".into(),
+                "import",
+                json!({"rows": i * 10}),
+            );
+            fake_head = Head {
+                seq: entry.seq,
+                hash: entry.hash.clone(),
+            };
+            fake.push(serde_json::to_string(&entry).unwrap());
+        }
+        assert_eq!(check(&fake, &fake_head), Ok(5), "consistent on its own");
+        assert_eq!(
+            anchored(&fake, &fake_head),
+            Err(Tamper::Rewritten { seq: 3 })
+        );
+        // Extended behind the head: a well-chained entry the head does not know.
+        let (longer, _) = log(6);
+        assert_eq!(
+            check(&longer, &head),
+            Err(Tamper::BeyondHead { head: 5, last: 6 })
+        );
     }
 
     #[test]
