@@ -305,6 +305,12 @@ enum CaCommand {
         /// Replace an existing CA (every site must then be re-enrolled).
         #[arg(long)]
         force: bool,
+        /// Write the coordinator's credentials and the CA certificate here
+        /// instead, without the CA key: the directory to copy to the
+        /// coordinator's machine, while `--dir` (the CA key, and `enroll`)
+        /// stays offline with the CA's custodian.
+        #[arg(long)]
+        coordinator_out: Option<PathBuf>,
     },
 }
 
@@ -435,12 +441,22 @@ fn main() -> Result<()> {
             hosts,
             days,
             force,
+            coordinator_out,
         }) => {
-            PkiDir::new(&dir).init(&franchise, &hosts, days, force)?;
-            println!(
-                "created the {franchise} CA and the coordinator certificate in {}",
-                dir.display()
-            );
+            let out = coordinator_out.as_deref();
+            PkiDir::new(&dir).init(&franchise, &hosts, days, force, out)?;
+            match out {
+                Some(out) => println!(
+                    "created the {franchise} CA in {} (keep it offline: only `enroll` needs it) \
+                     and the coordinator's credentials in {} (no CA key)",
+                    dir.display(),
+                    out.display()
+                ),
+                None => println!(
+                    "created the {franchise} CA and the coordinator certificate in {}",
+                    dir.display()
+                ),
+            }
             Ok(())
         }
         Command::Enroll(args) => enroll(args),

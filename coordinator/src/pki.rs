@@ -4,6 +4,10 @@
 //! PKI/ca.pem  ca.key (0600)  coordinator.pem  coordinator.key (0600)
 //! PKI/sites/SITE.pem         the certificate issued to each enrolled site
 //! ```
+//! With `ca init --coordinator-out DIR`, the CA key stays with its custodian
+//! in PKI (with `sites/`), and DIR, for the coordinator's machine, gets
+//! `ca.pem`, `coordinator.pem` and `coordinator.key` only: whoever runs the
+//! coordinator then cannot issue certificates in sites' names.
 //! A site bundle is laid out as `potluck_shared::bundle` says.
 
 use std::net::SocketAddr;
@@ -118,13 +122,16 @@ impl PkiDir {
             .map(|c| potluck_shared::audit::sha256_hex(c.as_ref())))
     }
 
-    /// Create the franchise CA and the coordinator's certificate.
+    /// Create the franchise CA and the coordinator's certificate; the
+    /// coordinator's credentials go to `coordinator_out` if given, without
+    /// the CA key.
     pub fn init(
         &self,
         franchise: &str,
         hosts: &[String],
         days: u32,
         force: bool,
+        coordinator_out: Option<&Path>,
     ) -> Result<(), PkiError> {
         if self.ca_key().exists() && !force {
             return Err(PkiError::CaExists(self.ca_key().display().to_string()));
@@ -134,8 +141,17 @@ impl PkiDir {
         let (ca, coordinator) = tls::create_ca(franchise, hosts, Validity::days_from_now(days))?;
         write_secret(&self.ca_key(), &ca.key_pem)?;
         write_public(&self.ca_cert(), &ca.cert_pem)?;
-        write_secret(&self.coordinator_key(), &coordinator.key_pem)?;
-        write_public(&self.coordinator_cert(), &coordinator.cert_pem)
+        let home = match coordinator_out {
+            Some(out) => {
+                create_private_dir(out)?;
+                let dir = PkiDir::new(out);
+                write_public(&dir.ca_cert(), &ca.cert_pem)?;
+                dir
+            }
+            None => PkiDir::new(&self.root),
+        };
+        write_secret(&home.coordinator_key(), &coordinator.key_pem)?;
+        write_public(&home.coordinator_cert(), &coordinator.cert_pem)
     }
 
     fn ca(&self) -> Result<Credentials, PkiError> {
@@ -225,7 +241,7 @@ mod tests {
     fn keys_are_private_and_nothing_is_overwritten_without_force() {
         let dir = tempfile::tempdir().unwrap();
         let pki = PkiDir::new(&dir.path().join("pki"));
-        pki.init("Acme", &[], 30, false).unwrap();
+        pki.init("Acme", &[], 30, false, None).unwrap();
         #[cfg(unix)]
         {
             assert_eq!(mode(&pki.ca_key()), 0o600);
@@ -233,7 +249,7 @@ mod tests {
         }
         let ca_before = std::fs::read_to_string(pki.ca_cert()).unwrap();
         assert!(matches!(
-            pki.init("Acme", &[], 30, false),
+            pki.init("Acme", &[], 30, false, None),
             Err(PkiError::CaExists(_))
         ));
         assert_eq!(std::fs::read_to_string(pki.ca_cert()).unwrap(), ca_before);
@@ -255,5 +271,34 @@ mod tests {
             cert,
             "re-enrolled"
         );
+    }
+
+    /// The CA's custodian keeps the CA key; the coordinator's directory has
+    /// none, so whoever runs the coordinator cannot enrol a site.
+    #[test]
+    fn a_coordinator_directory_apart_from_the_ca_holds_no_ca_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let custodian = PkiDir::new(&dir.path().join("ca"));
+        let coordinator_dir = dir.path().join("coordinator");
+        custodian
+            .init("Acme", &[], 30, false, Some(&coordinator_dir))
+            .unwrap();
+        let coordinator = PkiDir::new(&coordinator_dir);
+        assert!(!coordinator.ca_key().exists());
+        assert!(coordinator.coordinator_key().exists() && coordinator.coordinator_cert().exists());
+        assert_eq!(
+            std::fs::read_to_string(coordinator.ca_cert()).unwrap(),
+            std::fs::read_to_string(custodian.ca_cert()).unwrap()
+        );
+        assert!(
+            !custodian.coordinator_key().exists(),
+            "the custodian keeps no coordinator key"
+        );
+        let out = dir.path().join("site-a");
+        let refused = coordinator.enroll(&enrollment("site-a", &out, false));
+        assert!(matches!(refused, Err(PkiError::Io { .. })), "{refused:?}");
+        custodian
+            .enroll(&enrollment("site-a", &out, false))
+            .unwrap();
     }
 }

@@ -72,7 +72,7 @@ pub fn prepare(
         .write_csv(std::fs::File::create(&menu_path)?)
         .with_context(|| format!("writing {}", menu_path.display()))?;
     let pki = PkiDir::new(&work.join("pki"));
-    pki.init("Potluck simulation", &[], 30, true)?;
+    pki.init("Potluck simulation", &[], 30, true, None)?;
     let quic = free_udp_port()?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
     let coordinator_toml = work.join("coordinator.toml");

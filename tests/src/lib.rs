@@ -77,7 +77,7 @@ impl Franchise {
         let menu_path = root.join("menu.csv");
         data.menu.write_csv(std::fs::File::create(&menu_path)?)?;
         let pki = PkiDir::new(&root.join("pki"));
-        pki.init("Test Franchise", &[], 30, false)?;
+        pki.init("Test Franchise", &[], 30, false, None)?;
         let coordinator_config = format!(
             "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nmenu = \"menu.csv\"\n\
              [tls]\nca = \"pki/ca.pem\"\ncert = \"pki/coordinator.pem\"\nkey = \"pki/coordinator.key\"\n\

@@ -130,38 +130,31 @@ fn run(
     seed: u64,
     tamper: Tamper<'_>,
 ) -> Run {
-    let honest = |_: usize| (setup.clone(), CONTEXT);
-    run_deviating(
-        pki,
-        setup,
-        round,
-        lifetimes,
-        seed,
-        tamper,
-        &mut |_, _| {},
-        &honest,
-    )
+    run_seen_alike(pki, setup, (round, seed), lifetimes, tamper, &mut |_, _| {})
 }
 
 /// [`run`] with an honest coordinator and sites that `lie`.
 fn run_lying(
     pki: &Pki,
     setup: &Setup,
-    (round, seed): (RoundId, u64),
+    round_and_seed: (RoundId, u64),
     lifetimes: &[Lifetime],
     lie: Lie<'_>,
 ) -> Run {
-    let honest = |_: usize| (setup.clone(), CONTEXT);
-    run_deviating(
-        pki,
-        setup,
-        round,
-        lifetimes,
-        seed,
-        &mut no_tamper(),
-        lie,
-        &honest,
-    )
+    run_seen_alike(pki, setup, round_and_seed, lifetimes, &mut no_tamper(), lie)
+}
+
+/// [`run_deviating`] with every site shown the coordinator's round.
+fn run_seen_alike(
+    pki: &Pki,
+    setup: &Setup,
+    (round, seed): (RoundId, u64),
+    lifetimes: &[Lifetime],
+    tamper: Tamper<'_>,
+    lie: Lie<'_>,
+) -> Run {
+    let alike = |_: usize| (setup.clone(), CONTEXT);
+    run_deviating(pki, setup, round, lifetimes, seed, tamper, lie, &alike)
 }
 
 /// [`run`], with sites that `lie` and are each `shown` their own round.
