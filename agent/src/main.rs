@@ -744,7 +744,7 @@ fn privacy(config: &Path, json: bool) -> Result<()> {
         None => "in all".to_string(),
     };
     println!(
-        "epsilon {:.4} spent {period} over {} rounds (lineages: {}); {:.4} left of this site's maximum {} (delta {})",
+        "epsilon {:.4} spent {period} over {} charges (rounds and one-off releases; lineages: {}); {:.4} left of this site's maximum {} (delta {})",
         spent.epsilon,
         spent.rounds,
         if spent.lineages.is_empty() {

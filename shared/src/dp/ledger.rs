@@ -55,7 +55,7 @@ pub struct Spent {
     pub max_epsilon: f64,
     /// δ.
     pub delta: f64,
-    /// Rounds in the window.
+    /// Charges in the window: rounds, and one-off releases paid with them.
     pub rounds: usize,
     /// The lineages they were named, each once.
     pub lineages: Vec<String>,

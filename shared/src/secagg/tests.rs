@@ -857,3 +857,152 @@ fn a_certificate_re_issued_for_a_pinned_peer_is_refused() {
     assert_eq!(accepted, Ok(()));
     assert!(met.is_empty());
 }
+
+/// Attack: a split view. With `c` colluders and `2t ≤ n + c`, the
+/// coordinator shows one group of honest sites a survivor list with the
+/// target on it and another group a list without it; with the colluders'
+/// signatures each list has `t`, so the first group reveals shares of the
+/// target's self-mask secret and the second shares of its mask key, and the
+/// coordinator unmasks the target's input alone. A site whose floor assumes
+/// `c` colluders refuses such a round before sending anything.
+#[test]
+fn a_split_view_with_a_colluder_recovers_an_input_unless_the_floor_refuses_it() {
+    let pki = pki(5);
+    let setup = setup(&pki, 3, 8); // 2t = 6 ≤ n + c = 6
+    let round = RoundId(1);
+    let now = SystemTime::now();
+    let mut rng = StdRng::seed_from_u64(9);
+    let site = |i: usize| setup.cohort[i].clone();
+    let (target, colluder) = (site(0), 4);
+    // The colluder runs its client twice from one seed: the same keys, so
+    // both copies open the shares sent to it, and each answers one list.
+    let mut clients: Vec<Client> = (0..5)
+        .map(|i| {
+            let mut own = StdRng::seed_from_u64(100 + i as u64);
+            let id = identity(&pki, &pki.signers[i]);
+            Client::new(round, setup.clone(), &CONTEXT, &id, &mut own).unwrap()
+        })
+        .collect();
+    let mut twin = {
+        let mut own = StdRng::seed_from_u64(100 + colluder as u64);
+        let id = identity(&pki, &pki.signers[colluder]);
+        Client::new(round, setup.clone(), &CONTEXT, &id, &mut own).unwrap()
+    };
+    let entries: Vec<RosterEntry> = (0..5)
+        .map(|i| advertised(&mut clients[i], &pki.signers[i]))
+        .collect();
+    twin.poll_transmit();
+    let roster = ServerMessage::Roster(Arc::new(entries.clone()));
+    let mut inbox: BTreeMap<SiteId, Vec<(SiteId, Vec<u8>)>> = BTreeMap::new();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client
+            .handle_message(roster.clone(), now, &mut rng)
+            .unwrap();
+        let Some(ClientMessage::EncryptedShares { shares, .. }) = client.poll_transmit() else {
+            panic!("shares");
+        };
+        for (to, sealed) in shares {
+            inbox.entry(to).or_default().push((site(i), sealed));
+        }
+    }
+    twin.handle_message(roster, now, &mut rng).unwrap();
+    twin.poll_transmit();
+    let inputs: Vec<Vec<u32>> = (0..5)
+        .map(|i| {
+            setup
+                .encoding
+                .encode(&[0.1 * i as f32 + 0.05; 8], &mut rng)
+        })
+        .collect();
+    let mut masked = Vec::new();
+    for (i, client) in clients.iter_mut().enumerate() {
+        let shares = ServerMessage::Shares(inbox[&site(i)].clone());
+        client.handle_message(shares, now, &mut rng).unwrap();
+        client.handle_input(inputs[i].clone()).unwrap();
+        let Some(ClientMessage::MaskedInput(y)) = client.poll_transmit() else {
+            panic!("masked input");
+        };
+        masked.push(y);
+    }
+    twin.handle_message(
+        ServerMessage::Shares(inbox[&site(colluder)].clone()),
+        now,
+        &mut rng,
+    )
+    .unwrap();
+    twin.handle_input(inputs[colluder].clone()).unwrap();
+    twin.poll_transmit();
+
+    // Two views: the target on the first list, not on the second.
+    let digest = crypto::setup_digest(&setup, &CONTEXT);
+    let with_target = vec![site(0), site(1), site(4)];
+    let without = vec![site(2), site(3), site(4)];
+    let mut reveal = |client: &mut Client, signers: &[usize], list: &Vec<SiteId>| {
+        client
+            .handle_message(ServerMessage::Survivors(list.clone()), now, &mut rng)
+            .unwrap();
+        client.poll_transmit();
+        let transcript = crypto::survivors_transcript(round, &digest, list);
+        let signatures = signers
+            .iter()
+            .map(|&i| (site(i), pki.signers[i].sign(&transcript)))
+            .collect();
+        let unmask = ServerMessage::Unmask {
+            survivors: list.clone(),
+            signatures,
+        };
+        client.handle_message(unmask, now, &mut rng).unwrap();
+        let Some(ClientMessage::UnmaskShares {
+            self_mask,
+            mask_key,
+        }) = client.poll_transmit()
+        else {
+            panic!("unmask shares");
+        };
+        (self_mask, mask_key)
+    };
+    let share_of = |shares: &[(SiteId, [u8; 32])], holder: usize| crypto::ScalarPart {
+        index: holder as u32 + 1,
+        value: shares.iter().find(|(owner, _)| *owner == target).unwrap().1,
+    };
+    let mut self_parts = Vec::new();
+    let mut key_parts = Vec::new();
+    for holder in [0, 1] {
+        let (self_mask, _) = reveal(&mut clients[holder], &[0, 1, 4], &with_target);
+        self_parts.push(share_of(&self_mask, holder));
+    }
+    let (self_mask, _) = reveal(&mut clients[colluder], &[0, 1, 4], &with_target);
+    self_parts.push(share_of(&self_mask, colluder));
+    for holder in [2, 3] {
+        let (_, mask_key) = reveal(&mut clients[holder], &[2, 3, 4], &without);
+        key_parts.push(share_of(&mask_key, holder));
+    }
+    let (_, mask_key) = reveal(&mut twin, &[2, 3, 4], &without);
+    key_parts.push(share_of(&mask_key, colluder));
+
+    // Both secrets of the target, and so its input alone.
+    let self_secret = crypto::combine(&self_parts).unwrap();
+    let mask_secret = crypto::combine(&key_parts).unwrap();
+    let mut x = masked[0].clone();
+    let bits = setup.encoding.bits;
+    crypto::apply_mask(&mut x, &crypto::self_seed(&self_secret, round), bits, true);
+    for (v, entry) in entries.iter().enumerate().skip(1) {
+        let seed = crypto::pairwise_seed(&mask_secret, &entry.mask_pk, round, &target, &site(v));
+        // The target sorts first, so it added every pairwise mask.
+        crypto::apply_mask(&mut x, &seed, bits, true);
+    }
+    assert_eq!(x, inputs[0], "the target's input, alone, recovered exactly");
+
+    // A site that assumes one colluder refuses this round at the start.
+    let wary = Identity {
+        floor: Floor {
+            colluders: 1,
+            ..Floor::default()
+        },
+        ..identity(&pki, &pki.signers[0])
+    };
+    assert!(matches!(
+        Client::new(round, setup.clone(), &CONTEXT, &wary, &mut rng),
+        Err(ClientError::Setup(SetupError::BelowFloor { .. }))
+    ));
+}
