@@ -18,7 +18,7 @@ use potluck_shared::secagg::{PeerVerifier, SiteSigner};
 use potluck_shared::service::systemd;
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
-use potluck_shared::wire::{CoordinatorMessage, RoundTask, SiteMessage};
+use potluck_shared::wire::{CoordinatorMessage, RoundTask, SiteBudget, SiteMessage};
 use potluck_shared::{ModelVersion, SiteId};
 use rand::RngExt;
 use rand::rngs::StdRng;
@@ -116,8 +116,9 @@ enum Done {
 enum Work {
     /// A delta, for a round without differential privacy.
     Plain(Trained),
-    /// The sampled units' clipped, rounded contributions, before noise.
-    Private(Contribution),
+    /// The sampled units' clipped, rounded contributions, before noise, and
+    /// the site's ledger after the round.
+    Private(Contribution, SiteBudget),
 }
 
 /// A site agent.
@@ -426,10 +427,11 @@ impl Agent {
                     &mut rng,
                 );
             }
-            Done::Trained(task, Ok(Work::Private(contribution))) => {
+            Done::Trained(task, Ok(Work::Private(contribution, budget))) => {
                 debug!(site = %self.config.site_id, round = %task.round, units = contribution.units(), "trained");
                 let mut rng = self.rng(task.round, "finish");
                 session.handle_contribution(&task, contribution, &mut rng);
+                session.report_budget(budget);
             }
             Done::Trained(task, Err(reason)) => {
                 warn!(site = %self.config.site_id, round = %task.round, %reason, "declining round");
@@ -612,9 +614,9 @@ fn train_for_round(
     };
     let mut data = data;
     let release = prior_release(context, privacy, &mut data, rng)?;
-    charge_ledger(context, task, privacy, release.as_ref())?;
+    let budget = charge_ledger(context, task, privacy, release.as_ref())?;
     private_contribution(model, &data, &task.settings, privacy, rng)
-        .map(Work::Private)
+        .map(|contribution| Work::Private(contribution, budget))
         .map_err(|e| e.to_string())
 }
 
@@ -633,9 +635,9 @@ fn audit_for_round(
         .store
         .with(|s| site_data(s, model))
         .map_err(|e| e.to_string())?;
-    charge_ledger(context, task, privacy, None)?;
+    let budget = charge_ledger(context, task, privacy, None)?;
     evaluation::audit(&model.spec, &model.params, &data, spec, privacy, rng)
-        .map(Work::Private)
+        .map(|contribution| Work::Private(contribution, budget))
         .map_err(|e| e.to_string())
 }
 
@@ -678,13 +680,13 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
 
 /// Record a private round's cost (and that of a new prior `release`) in this
 /// site's ledger and audit log, or refuse it when it would take ε above this
-/// site's own limit.
+/// site's own limit; returns what the ledger shows after it.
 fn charge_ledger(
     context: &WorkerContext,
     task: &RoundTask,
     privacy: &potluck_shared::dp::RoundPrivacy,
     release: Option<&PriorRelease>,
-) -> Result<(), String> {
+) -> Result<SiteBudget, String> {
     let WorkerContext {
         store,
         limits,
@@ -722,7 +724,7 @@ fn charge_ledger(
             "purpose": if task.audit.is_some() { "fairness audit" } else { "training" },
         })
     };
-    match spent {
+    let epsilon = match spent {
         Ok(epsilon) => {
             audit
                 .append("round_joined", figures(epsilon))
@@ -734,6 +736,7 @@ fn charge_ledger(
             max_epsilon = limits.max_epsilon,
             "privacy ledger: round recorded"
             );
+            epsilon
         }
         Err(refusal) => {
             if let Err(e) = audit.append("round_refused", figures(refusal.next)) {
@@ -749,8 +752,13 @@ fn charge_ledger(
             );
             return Err(refusal.to_string());
         }
-    }
-    Ok(())
+    };
+    Ok(SiteBudget {
+        epsilon,
+        max_epsilon: limits.max_epsilon,
+        delta: limits.delta,
+        window_days: limits.window_days,
+    })
 }
 
 /// Evaluate a new model; failures are logged and reported as zero cases. It

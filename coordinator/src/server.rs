@@ -669,6 +669,10 @@ impl Driver {
                 warn!(%site, %round, %reason, "site declined the round");
                 self.summary.declined.push((site, round, reason));
             }
+            CoordinatorEvent::SiteBudget { site, budget } => {
+                debug!(%site, epsilon = budget.epsilon, max_epsilon = budget.max_epsilon, "site's own privacy ledger");
+                self.state.site_budget(&site, &budget)?;
+            }
             CoordinatorEvent::SiteMisbehaved {
                 site,
                 round,

@@ -112,6 +112,12 @@ CREATE TABLE IF NOT EXISTS releases (
     requested_at TEXT NOT NULL,
     applied INTEGER NOT NULL DEFAULT 0
 ) STRICT;
+CREATE TABLE IF NOT EXISTS site_budgets (
+    site TEXT PRIMARY KEY,
+    epsilon REAL NOT NULL,
+    max_epsilon REAL NOT NULL,
+    reported_at TEXT NOT NULL
+) STRICT;
 ";
 
 /// Why state could not be read or written.
@@ -258,6 +264,11 @@ pub struct SiteRecord {
     pub dropouts: u64,
     /// Whether its last certificate is revoked.
     pub revoked: bool,
+    /// ε spent on its customers, as its own ledger last reported (the site
+    /// enforces it; every lineage together, within its window).
+    pub site_epsilon: Option<f64>,
+    /// The site's own maximum ε, as last reported.
+    pub site_max_epsilon: Option<f64>,
 }
 
 /// One privacy ledger entry.
@@ -1137,12 +1148,30 @@ impl State {
             .map_err(self.db())
     }
 
+    /// Record what a site's own ledger shows (the latest report wins).
+    pub fn site_budget(
+        &mut self,
+        site: &SiteId,
+        budget: &potluck_shared::wire::SiteBudget,
+    ) -> Result<(), StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO site_budgets (site, epsilon, max_epsilon, reported_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (site) DO UPDATE SET epsilon = excluded.epsilon,
+                     max_epsilon = excluded.max_epsilon, reported_at = excluded.reported_at",
+                params![site.as_str(), budget.epsilon, budget.max_epsilon, audit::timestamp()],
+            )
+            .map(drop)
+            .map_err(self.db())
+    }
+
     /// Every site that has connected.
     pub fn sites(&self) -> Result<Vec<SiteRecord>, StateError> {
         self.rows(
-            "SELECT site, first_seen, last_seen, fingerprint, rounds_joined, dropouts,
-                    EXISTS (SELECT 1 FROM revoked r WHERE r.fingerprint = sites.fingerprint)
-             FROM sites ORDER BY site",
+            "SELECT sites.site, first_seen, last_seen, fingerprint, rounds_joined, dropouts,
+                    EXISTS (SELECT 1 FROM revoked r WHERE r.fingerprint = sites.fingerprint),
+                    b.epsilon, b.max_epsilon
+             FROM sites LEFT JOIN site_budgets b ON b.site = sites.site ORDER BY sites.site",
             [],
             |r| {
                 Ok(SiteRecord {
@@ -1153,6 +1182,8 @@ impl State {
                     rounds_joined: r.get(4)?,
                     dropouts: r.get(5)?,
                     revoked: r.get(6)?,
+                    site_epsilon: r.get(7)?,
+                    site_max_epsilon: r.get(8)?,
                 })
             },
         )

@@ -122,7 +122,12 @@ async fn the_dashboard_renders_live_training_in_headless_chromium() -> anyhow::R
     );
     assert!(dom.contains("Test Franchise"), "franchise shown");
     for (site, _) in &f.sites {
-        assert!(dom.contains(&format!("<td>{site}</td>")), "{site} listed");
+        let start = dom.find(&format!("<td>{site}</td>"));
+        assert!(start.is_some(), "{site} listed");
+        // Its own ledger's figures, as the site reported them: spent / left.
+        let row = &dom[start.unwrap_or(0)..];
+        let row = &row[..row.find("</tr>").unwrap_or(row.len())];
+        assert!(row.contains(" / "), "{site}'s own budget shown: {row}");
     }
     for series in [
         "eval_hr_at_10",

@@ -215,6 +215,14 @@ pub enum CoordinatorEvent {
         /// What it did.
         reason: String,
     },
+    /// A site reported what its own ledger shows (for display: the site
+    /// enforces it).
+    SiteBudget {
+        /// The site.
+        site: SiteId,
+        /// Its figures.
+        budget: crate::wire::SiteBudget,
+    },
     /// A private round is about to open: record its cost durably before
     /// sending anything, so privacy spent is never undercounted.
     PrivacySpent {
@@ -359,6 +367,9 @@ pub enum Violation {
     /// The evaluation counts are impossible.
     #[error("implausible evaluation counts")]
     BadEvaluation,
+    /// A budget report that is not a number, or a negative one.
+    #[error("implausible privacy budget report")]
+    BadBudget,
     /// An update's weight is not in `(0, MAX_WEIGHT]`.
     #[error("update weight {0} outside (0, {max}]", max = super::MAX_WEIGHT)]
     BadWeight(f32),
@@ -730,6 +741,21 @@ impl Coordinator {
             SiteMessage::Declined { round, reason } => {
                 self.on_declined(site, round, reason);
                 Ok(())
+            }
+            SiteMessage::Budget(budget) => {
+                let plausible = budget.epsilon.is_finite()
+                    && budget.epsilon >= 0.0
+                    && budget.max_epsilon.is_finite()
+                    && (0.0..1.0).contains(&budget.delta);
+                if plausible {
+                    self.events.push_back(CoordinatorEvent::SiteBudget {
+                        site: site.clone(),
+                        budget,
+                    });
+                    Ok(())
+                } else {
+                    Err(Violation::BadBudget)
+                }
             }
         };
         self.advance(now);

@@ -241,6 +241,11 @@ impl SiteSession {
         }
     }
 
+    /// Tell the coordinator what this site's own ledger shows.
+    pub fn report_budget(&mut self, budget: crate::wire::SiteBudget) {
+        self.transmits.push_back(SiteMessage::Budget(budget));
+    }
+
     /// Evaluation of `model_version` at this site produced `counts`.
     pub fn handle_evaluated(&mut self, model_version: ModelVersion, counts: EvalCounts) {
         self.transmits

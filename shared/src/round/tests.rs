@@ -1355,3 +1355,36 @@ fn a_site_assuming_colluders_charges_itself_for_the_honest_survivors_noise_only(
     let refused = site::noise_floor(&task, &floor(3)).unwrap_err();
     assert!(refused.contains("below this site's minimum"), "{refused}");
 }
+
+/// A site's report of its own ledger reaches the coordinator as an event
+/// (for display); a report that is not a number is refused.
+#[test]
+fn a_sites_budget_report_is_shown_and_a_nonsense_one_refused() {
+    let mut h = Harness::new(3, config(10, 1));
+    let budget = crate::wire::SiteBudget {
+        epsilon: 1.5,
+        max_epsilon: 8.0,
+        delta: 1e-6,
+        window_days: Some(365),
+    };
+    let now = h.now;
+    h.coordinator
+        .handle_message(&site(0), SiteMessage::Budget(budget), 40, now)
+        .unwrap();
+    while let Some(e) = h.coordinator.poll_event() {
+        h.events.push(e);
+    }
+    assert!(h.events.iter().any(|e| matches!(
+        e,
+        CoordinatorEvent::SiteBudget { site: s, budget: b } if *s == site(0) && *b == budget
+    )));
+    let nonsense = crate::wire::SiteBudget {
+        epsilon: f64::NAN,
+        ..budget
+    };
+    assert_eq!(
+        h.coordinator
+            .handle_message(&site(1), SiteMessage::Budget(nonsense), 40, now),
+        Err(Violation::BadBudget)
+    );
+}

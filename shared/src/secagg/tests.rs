@@ -908,11 +908,7 @@ fn a_split_view_with_a_colluder_recovers_an_input_unless_the_floor_refuses_it() 
     twin.handle_message(roster, now, &mut rng).unwrap();
     twin.poll_transmit();
     let inputs: Vec<Vec<u32>> = (0..5)
-        .map(|i| {
-            setup
-                .encoding
-                .encode(&[0.1 * i as f32 + 0.05; 8], &mut rng)
-        })
+        .map(|i| setup.encoding.encode(&[0.1 * i as f32 + 0.05; 8], &mut rng))
         .collect();
     let mut masked = Vec::new();
     for (i, client) in clients.iter_mut().enumerate() {

@@ -34,6 +34,22 @@ pub enum SiteMessage {
         /// A readable reason, logged by the coordinator.
         reason: String,
     },
+    /// What the site's own ledger shows, after each private round it joined:
+    /// the site enforces it; the coordinator only displays it.
+    Budget(SiteBudget),
+}
+
+/// A site's own privacy ledger, as it enforces it (every lineage together).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SiteBudget {
+    /// ε spent on the site's customers within its window.
+    pub epsilon: f64,
+    /// The site's maximum.
+    pub max_epsilon: f64,
+    /// δ.
+    pub delta: f64,
+    /// The site's window in days, if it sets one.
+    pub window_days: Option<u32>,
 }
 
 /// Messages the coordinator sends to an agent.
