@@ -88,38 +88,41 @@ pub fn split<R: CryptoRng + ?Sized>(
 /// A Feldman verifier: a Ristretto point.
 type Verifier = ValueGroup<RistrettoPoint>;
 
-/// Feldman commitments to one sharing polynomial, decoded; the first commits
-/// to the secret.
+/// Feldman commitments to one sharing polynomial, as sent (compressed
+/// Ristretto points); the first commits to the secret. They are decoded only
+/// when a share has to be checked on its own, which an honest round never
+/// needs: the coordinator checks each rebuilt secret against the first.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Commitments(Vec<RistrettoPoint>);
+pub struct Commitments(Vec<[u8; 32]>);
 
 impl Commitments {
-    /// Decode `threshold` compressed points; `None` if any is not a point.
-    pub fn decode(bytes: &[[u8; 32]], threshold: usize) -> Option<Self> {
-        if bytes.len() != threshold {
-            return None;
-        }
-        bytes
-            .iter()
-            .map(|b| CompressedRistretto(*b).decompress())
-            .collect::<Option<_>>()
-            .map(Self)
+    /// `threshold` commitments; `None` for any other number.
+    pub fn new(bytes: &[[u8; 32]], threshold: usize) -> Option<Self> {
+        (bytes.len() == threshold && threshold > 0).then(|| Self(bytes.to_vec()))
     }
 
     /// Whether `secret` is the one committed to.
     pub fn commit_to(&self, secret: &Scalar) -> bool {
         self.0
             .first()
-            .is_some_and(|c| *c == RistrettoPoint::mul_base(secret))
+            .is_some_and(|c| *c == RistrettoPoint::mul_base(secret).compress().to_bytes())
     }
 
-    /// Whether `part` lies on the committed polynomial.
-    pub fn admit(&self, part: &ScalarPart) -> bool {
+    /// The points, decoded; `None` if any is not a point (its sender is at fault).
+    pub fn points(&self) -> Option<Vec<RistrettoPoint>> {
+        self.0
+            .iter()
+            .map(|b| CompressedRistretto(*b).decompress())
+            .collect()
+    }
+
+    /// Whether `part` lies on the polynomial `points` (from [`Commitments::points`]) commit to.
+    pub fn admit(points: &[RistrettoPoint], part: &ScalarPart) -> bool {
         let Some(value) = Option::<Scalar>::from(Scalar::from_canonical_bytes(part.value)) else {
             return false;
         };
         let set: Vec<Verifier> = std::iter::once(RistrettoPoint::mul_base(&Scalar::ONE))
-            .chain(self.0.iter().copied())
+            .chain(points.iter().copied())
             .map(ValueGroup)
             .collect();
         let share = ScalarShare::with_identifier_and_value(
@@ -482,22 +485,31 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
         let secret = random_scalar(&mut rng);
         let (parts, bytes) = split(&secret, 3, 5, &mut rng);
-        let commitments = Commitments::decode(&bytes, 3).unwrap();
+        let commitments = Commitments::new(&bytes, 3).unwrap();
         assert!(commitments.commit_to(&secret));
         assert!(!commitments.commit_to(&random_scalar(&mut rng)));
-        assert!(parts.iter().all(|p| commitments.admit(p)));
+        let points = commitments.points().unwrap();
+        assert!(parts.iter().all(|p| Commitments::admit(&points, p)));
         let mut forged = parts[1];
         forged.value = random_scalar(&mut rng).to_bytes();
-        assert!(!commitments.admit(&forged));
+        assert!(!Commitments::admit(&points, &forged));
         let moved = ScalarPart {
             index: 3,
             ..parts[1]
         };
-        assert!(!commitments.admit(&moved), "a true share at another index");
-        assert!(Commitments::decode(&bytes, 4).is_none(), "too few points");
+        assert!(
+            !Commitments::admit(&points, &moved),
+            "a true share at another index"
+        );
+        assert!(Commitments::new(&bytes, 4).is_none(), "too few points");
         let mut not_a_point = bytes.clone();
-        not_a_point[0] = [0xff; 32];
-        assert!(Commitments::decode(&not_a_point, 3).is_none());
+        not_a_point[1] = [0xff; 32];
+        assert!(
+            Commitments::new(&not_a_point, 3)
+                .unwrap()
+                .points()
+                .is_none()
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub enum ServerViolation {
     /// Unmask shares that do not match the survivor list.
     #[error("unmask shares do not match the survivor list")]
     UnmaskShares,
-    /// Commitments of the wrong length, or not curve points.
+    /// Commitments of the wrong number.
     #[error("share commitments must be {0} points per secret")]
     Commitments(usize),
     /// A survivor signature that does not verify under the site's certificate.
@@ -299,8 +299,8 @@ impl Server {
     fn decode(&self, commitments: &ShareCommitments) -> Option<(Commitments, Commitments)> {
         let t = self.setup.threshold;
         Some((
-            Commitments::decode(&commitments.mask_key, t)?,
-            Commitments::decode(&commitments.self_mask, t)?,
+            Commitments::new(&commitments.mask_key, t)?,
+            Commitments::new(&commitments.self_mask, t)?,
         ))
     }
 
@@ -501,6 +501,13 @@ impl Server {
     ) -> Result<Scalar, String> {
         let (mask_key, self_mask) = &self.commitments[owner];
         let commitments = if survived { self_mask } else { mask_key };
+        let Some(points) = commitments.points() else {
+            self.faults.insert(
+                owner.clone(),
+                "sent commitments that are not curve points".into(),
+            );
+            return Err(format!("{owner}'s commitments are not curve points"));
+        };
         let mut true_parts = Vec::new();
         let mut false_holders = Vec::new();
         for (holder, reply) in &self.replies {
@@ -512,7 +519,7 @@ impl Server {
                     value: *value,
                 });
             match part {
-                Some(part) if commitments.admit(&part) => true_parts.push(part),
+                Some(part) if Commitments::admit(&points, &part) => true_parts.push(part),
                 _ => false_holders.push(holder.clone()),
             }
         }
