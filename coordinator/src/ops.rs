@@ -195,7 +195,8 @@ pub fn site(command: SiteCommand) -> Result<()> {
             let revoked = state.revoke_site(&site, issued, &cli_user(), &reason)?;
             println!(
                 "revoked {} certificate(s) of site {site}; it is refused from its next handshake. \
-                 To admit it again, re-enrol it: potluck-coordinator enroll --site {site} --force ...",
+                 To admit it again, re-enrol it (potluck-coordinator enroll --site {site} --force ...) \
+                 and have every other site forget its old key (potluck-agent peers forget --site {site})",
                 revoked.len()
             );
             Ok(())

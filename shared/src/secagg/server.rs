@@ -219,11 +219,11 @@ impl Server {
                 if recipients != expected || shares.len() != expected.len() {
                     return Err(self.refuse(from, ServerViolation::ShareRecipients));
                 }
-                let Some(decoded) = self.decode(&commitments) else {
+                let Some(commitments) = self.commitments_of(&commitments) else {
                     let violation = ServerViolation::Commitments(self.setup.threshold);
                     return Err(self.refuse(from, violation));
                 };
-                self.commitments.insert(from.clone(), decoded);
+                self.commitments.insert(from.clone(), commitments);
                 self.shares.insert(from.clone(), shares);
             }
             (Phase::MaskedInput, ClientMessage::MaskedInput(masked)) => {
@@ -296,11 +296,11 @@ impl Server {
         violation
     }
 
-    fn decode(&self, commitments: &ShareCommitments) -> Option<(Commitments, Commitments)> {
+    fn commitments_of(&self, sent: &ShareCommitments) -> Option<(Commitments, Commitments)> {
         let t = self.setup.threshold;
         Some((
-            Commitments::new(&commitments.mask_key, t)?,
-            Commitments::new(&commitments.self_mask, t)?,
+            Commitments::new(&sent.mask_key, t)?,
+            Commitments::new(&sent.self_mask, t)?,
         ))
     }
 
