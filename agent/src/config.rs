@@ -214,6 +214,26 @@ impl Default for PrivacyLimits {
 }
 
 impl PrivacyLimits {
+    /// Refuse limits that would make the ledger meaningless.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.max_epsilon.is_finite() && self.max_epsilon >= 0.0) {
+            return Err(format!(
+                "[privacy] max_epsilon must be a number of 0 or more, got {}",
+                self.max_epsilon
+            ));
+        }
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!(
+                "[privacy] delta must be between 0 and 1, got {}",
+                self.delta
+            ));
+        }
+        if self.window_days == Some(0) {
+            return Err("[privacy] window_days must be at least 1 (or unset)".into());
+        }
+        Ok(())
+    }
+
     /// The cap the ledger enforces.
     pub fn cap(&self) -> potluck_shared::dp::Cap {
         potluck_shared::dp::Cap {
@@ -253,6 +273,17 @@ impl Default for Limits {
     }
 }
 
+/// Refuse a secure-aggregation floor that cannot be what was meant.
+fn check_floor(floor: &potluck_shared::secagg::Floor) -> Result<(), String> {
+    let z = floor.min_noise_multiplier;
+    if !(z.is_finite() && z >= 0.0) {
+        return Err(format!(
+            "[secure_aggregation] min_noise_multiplier must be a number of 0 or more, got {z}"
+        ));
+    }
+    Ok(())
+}
+
 fn default_server_name() -> String {
     potluck_shared::tls::COORDINATOR_NAME.to_string()
 }
@@ -273,10 +304,15 @@ impl AgentConfig {
             path: name,
             message: e.to_string(),
         })?;
-        config.data.check().map_err(|message| ConfigError::Parse {
-            path: path.display().to_string(),
-            message,
-        })?;
+        config
+            .data
+            .check()
+            .and_then(|()| config.privacy.check())
+            .and_then(|()| check_floor(&config.secure_aggregation))
+            .map_err(|message| ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve(base);
         Ok(config)
@@ -374,6 +410,38 @@ mod tests {
                 .unwrap_err()
                 .contains("retention_days")
         );
+    }
+
+    #[test]
+    fn privacy_limits_and_floors_that_mean_nothing_are_refused_naming_the_field() {
+        let site = SiteId::new("s-1").unwrap();
+        let starter = potluck_shared::bundle::agent_toml(
+            &site,
+            "127.0.0.1:7443".parse().unwrap(),
+            "c",
+            false,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        for (from, to, field) in [
+            ("max_epsilon = 8.0", "max_epsilon = -1.0", "max_epsilon"),
+            ("delta = 1e-6", "delta = 2.0", "delta"),
+            (
+                "require = true",
+                "require = true\nwindow_days = 0",
+                "window_days",
+            ),
+            (
+                "min_noise_multiplier = 0.0",
+                "min_noise_multiplier = -2.0",
+                "min_noise_multiplier",
+            ),
+        ] {
+            assert!(starter.contains(from), "{from}");
+            std::fs::write(&path, starter.replace(from, to)).unwrap();
+            let err = AgentConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("agent.toml"), "{err}");
+        }
     }
 
     #[test]
