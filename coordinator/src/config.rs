@@ -839,6 +839,17 @@ mod tests {
         let (_d, path) = write(&base.replace("min_sites = 3", "min_sits = 3"));
         let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("min_sits"), "{err}");
+        // A threshold of half the cohort or less would let a split view
+        // unmask one site without any colluder.
+        let low = base
+            .replace("min_sites = 3", "min_sites = 4")
+            .replace("# threshold = 7", "threshold = 2");
+        let (_d, path) = write(&low);
+        let err = CoordinatorConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("secagg.threshold") && err.contains("half"),
+            "{err}"
+        );
     }
 
     #[test]
