@@ -17,6 +17,7 @@ use potluck_shared::model::{GlobalModel, Menu, ModelSpec};
 use potluck_shared::round::{Coordinator, CoordinatorEvent, RoundSummary};
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
+use potluck_shared::wire::frame::MAX_HELLO_FRAME;
 use potluck_shared::wire::{CoordinatorMessage, PROTOCOL_VERSION, SiteMessage};
 use potluck_shared::{RoundId, SiteId};
 use tokio::sync::mpsc;
@@ -296,6 +297,7 @@ impl Server {
                 franchise: self.franchise.clone(),
                 max_frame: self.config.limits.max_frame_bytes,
                 state_dir: self.config.state_dir.clone(),
+                awaiting_hello: Arc::default(),
             },
         ));
         let mut control = tokio::time::interval(CONTROL_INTERVAL);
@@ -842,6 +844,30 @@ struct Handshake {
     max_frame: usize,
     /// Read at each handshake, so a revocation made by another process counts at once.
     state_dir: std::path::PathBuf,
+    /// Connections that have not said hello yet, by certificate.
+    awaiting_hello: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+/// Connections one certificate may hold open before saying hello: an agent
+/// needs one, and one more while a reconnect overlaps the old connection.
+const MAX_AWAITING_HELLO: usize = 2;
+
+/// A place among a certificate's connections awaiting hello, given back on drop.
+struct AwaitingHello {
+    counts: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    fingerprint: String,
+}
+
+impl Drop for AwaitingHello {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.fingerprint) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.fingerprint);
+            }
+        }
+    }
 }
 
 /// The connected sites to close, with why: those whose certificate is
@@ -861,6 +887,24 @@ fn to_disconnect<'a, E: std::fmt::Display>(
 }
 
 impl Handshake {
+    /// A place for one more connection of `fingerprint` awaiting its hello;
+    /// `None` when the certificate already holds [`MAX_AWAITING_HELLO`].
+    fn await_hello(&self, fingerprint: &str) -> Option<AwaitingHello> {
+        let mut counts = self
+            .awaiting_hello
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(fingerprint.to_string()).or_default();
+        if *n >= MAX_AWAITING_HELLO {
+            return None;
+        }
+        *n += 1;
+        Some(AwaitingHello {
+            counts: self.awaiting_hello.clone(),
+            fingerprint: fingerprint.to_string(),
+        })
+    }
+
     /// Whether the certificate is revoked; an unreadable database refuses (fails closed).
     async fn revoked(&self, fingerprint: &str) -> Result<bool, String> {
         let dir = self.state_dir.clone();
@@ -922,13 +966,22 @@ async fn serve_connection(
             return Err(format!("site {site}: {reason}"));
         }
     }
+    let Some(place) = handshake.await_hello(&fingerprint) else {
+        connection.close(
+            CloseCode::ProtocolViolation.into(),
+            b"too many connections awaiting hello",
+        );
+        return Err(format!(
+            "site {site}: already {MAX_AWAITING_HELLO} connections awaiting hello"
+        ));
+    };
     let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
         .await
         .map_err(|_| format!("site {site} opened no stream"))?
         .map_err(|e| format!("site {site}: {e}"))?;
     let hello = tokio::time::timeout(
         HELLO_TIMEOUT,
-        transport::read_message::<SiteMessage>(&mut recv, max_frame),
+        transport::read_message::<SiteMessage>(&mut recv, MAX_HELLO_FRAME.min(max_frame)),
     )
     .await
     .map_err(|_| format!("site {site} sent no hello"))?;
@@ -964,6 +1017,7 @@ async fn serve_connection(
             return Err(format!("site {site}: {e}"));
         }
     }
+    drop(place);
     let welcome = CoordinatorMessage::Welcome {
         protocol_version: PROTOCOL_VERSION,
         franchise: franchise.to_string(),

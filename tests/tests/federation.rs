@@ -277,6 +277,44 @@ async fn bad_frames_close_only_the_offending_connection() -> anyhow::Result<()> 
     send.write_all(&u32::MAX.to_be_bytes()).await?;
     assert!(closed_with(&conn, CloseCode::FrameTooLarge).await);
 
+    // A first frame far over a hello's size, though within the frame limit:
+    // before its hello a peer gets a few KiB, not 64 MiB.
+    let connection = raw("big-hello")
+        .connect(coordinator.addr, tls::COORDINATOR_NAME)?
+        .await?;
+    let (mut send, _recv) = connection.open_bi().await?;
+    send.write_all(&(1u32 << 20).to_be_bytes()).await?;
+    assert!(closed_with(&connection, CloseCode::FrameTooLarge).await);
+
+    // Many connections from one certificate, none saying hello: past two,
+    // each is closed at once, not left to wait out the hello deadline.
+    let quiet = raw("quiet");
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        waiting.push(
+            quiet
+                .connect(coordinator.addr, tls::COORDINATOR_NAME)?
+                .await?,
+        );
+    }
+    let third = quiet
+        .connect(coordinator.addr, tls::COORDINATOR_NAME)?
+        .await?;
+    // Closed well before the 10 s hello deadline: with our code, or by a
+    // stateless reset if the close datagram was lost (see `closed_with`).
+    let closed = tokio::time::timeout(Duration::from_secs(5), third.closed()).await;
+    assert!(
+        matches!(&closed, Ok(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code.into_inner() == CloseCode::ProtocolViolation as u64)
+            || matches!(closed, Ok(quinn::ConnectionError::Reset)),
+        "the third connection awaiting hello is refused: {closed:?}"
+    );
+    assert!(
+        waiting.iter().all(|c| c.close_reason().is_none()),
+        "the first two still wait"
+    );
+    drop(waiting);
+
     // Another protocol version: told why, then closed.
     let (conn, _send, _recv, reply) =
         hello(&raw("future"), coordinator.addr, PROTOCOL_VERSION + 1).await?;

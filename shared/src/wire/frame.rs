@@ -11,6 +11,11 @@ pub const HEADER_LEN: usize = 4;
 /// The default largest frame body: 64 MiB (a 10^6-parameter model plus headroom).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
+/// The largest first frame of a connection: a hello is a version number and
+/// an agent version, a few dozen bytes. Before it a peer has shown nothing,
+/// so it gets no more room than that.
+pub const MAX_HELLO_FRAME: usize = 4 << 10;
+
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
