@@ -272,6 +272,10 @@ pub fn parse(
             }
         };
         let line = record.position().map_or(parsed.rows + 1, |p| p.line());
+        if let Some(reason) = unclosed_quote(&record, header.len()) {
+            parsed.errors.push(RowError { line, reason });
+            continue;
+        }
         let field = |name: &str| record.get(columns[name]).unwrap_or("");
         let consent = consent_col.map(|c| record.get(c).unwrap_or(""));
         let attributes: Vec<(&str, &str)> = attribute_cols
@@ -353,6 +357,18 @@ fn sort_columns(header: &[String], audit_columns: &[String]) -> (Vec<KeptColumn>
         });
     }
     (kept, dropped)
+}
+
+/// A quoted field left open swallows the lines after it into one field, so
+/// the row looks short: say so, rather than name a column that seems missing.
+fn unclosed_quote(record: &csv::StringRecord, columns: usize) -> Option<String> {
+    let swallowed = record.iter().find(|f| f.contains('\n'))?;
+    (record.len() < columns).then(|| {
+        format!(
+            "a quoted field is not closed on its line: it runs over {} more lines",
+            swallowed.matches('\n').count()
+        )
+    })
 }
 
 fn validate<'a>(

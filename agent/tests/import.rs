@@ -308,3 +308,17 @@ fn orders_past_retention_are_not_stored_and_stored_ones_are_purged_and_audited()
         "{log}"
     );
 }
+
+#[test]
+fn an_unclosed_quote_is_named_as_such_at_its_line() {
+    let s = site();
+    let path = s.file(
+        "quote.csv",
+        &format!("{GOOD}\"c3,o3,2025-03-05T12:00:00Z,latte,1,true,x\nc4,o4,2025-03-06T12:00:00Z,latte,1,true,x\n"),
+    );
+    let err = s.import(&path, false).unwrap_err().to_string();
+    assert!(
+        err.contains("quote.csv:5") && err.contains("quoted field is not closed"),
+        "{err}"
+    );
+}
