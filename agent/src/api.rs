@@ -90,9 +90,15 @@ impl ApiState {
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
+    // The token is checked before anything of the request is parsed, so a
+    // bad path or query tells a caller without the token nothing.
+    let token = axum::middleware::from_fn_with_state(state.clone(), require_token);
     Router::new()
         .route("/v1/health", get(health))
-        .route("/v1/customers/{id}/recommendations", get(recommendations))
+        .route(
+            "/v1/customers/{id}/recommendations",
+            get(recommendations).route_layer(token),
+        )
         .with_state(state)
 }
 
@@ -152,23 +158,31 @@ async fn health(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// Refuse a request without the bearer token, before its path and query are read.
+async fn require_token(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.authorised(request.headers()) {
+        return next.run(request).await;
+    }
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong bearer token (Authorization: Bearer TOKEN, from the API token file)",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"potluck-agent\""),
+    );
+    response
+}
+
 async fn recommendations(
     State(state): State<ApiState>,
     UrlPath(customer): UrlPath<String>,
     Query(query): Query<Vec<(String, String)>>,
-    headers: HeaderMap,
 ) -> Response {
-    if !state.authorised(&headers) {
-        let mut response = error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (Authorization: Bearer TOKEN, from the API token file)",
-        );
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"potluck-agent\""),
-        );
-        return response;
-    }
     let (k, at) = match parse_query(&query) {
         Ok(parsed) => parsed,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),

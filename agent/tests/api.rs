@@ -207,6 +207,15 @@ fn a_missing_or_wrong_token_is_refused() {
         assert!(body["error"].as_str().unwrap().contains("bearer token"));
         assert!(body.get("items").is_none());
     }
+    // Without the token, a malformed path or query is refused as
+    // unauthorised, not parsed first.
+    for bad in [
+        "/v1/customers/%ZZ/recommendations",
+        "/v1/customers/c1/recommendations?k=five",
+    ] {
+        let (status, _, body) = api.get(bad, None);
+        assert_eq!(status, 401, "{bad}: {body}");
+    }
     // Health needs no token and says nothing about customers.
     let (status, _, health) = api.get("/v1/health", None);
     assert_eq!(status, 200);
