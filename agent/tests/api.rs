@@ -210,7 +210,7 @@ fn a_missing_or_wrong_token_is_refused() {
     // Without the token, a malformed path or query is refused as
     // unauthorised, not parsed first.
     for bad in [
-        "/v1/customers/%ZZ/recommendations",
+        "/v1/customers/%FF/recommendations",
         "/v1/customers/c1/recommendations?k=five",
     ] {
         let (status, _, body) = api.get(bad, None);

@@ -85,8 +85,10 @@ pub async fn serve(listener: std::net::TcpListener, context: AdminContext) {
 
 /// The routes.
 pub fn router(context: AdminContext) -> Router {
+    // Every API route checks the token before its path, query or body is
+    // parsed (the role is checked by the handler); the page itself is public.
+    let token = axum::middleware::from_fn_with_state(context.clone(), require_token);
     Router::new()
-        .route("/", get(dashboard))
         .route("/api/v1/status", get(status))
         .route("/api/v1/rounds", get(rounds))
         .route("/api/v1/sites", get(sites))
@@ -102,7 +104,21 @@ pub fn router(context: AdminContext) -> Router {
         .route("/api/v1/models/{version}/rollback", post(rollback))
         .route("/api/v1/models/{version}/release", post(release))
         .route("/api/v1/sites/{site}/revoke", post(revoke))
+        .route_layer(token)
+        .route("/", get(dashboard))
         .with_state(context)
+}
+
+/// Refuse an API request without a known token, before anything else of it is read.
+async fn require_token(
+    AxumState(context): AxumState<AdminContext>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match authenticate(&context, request.headers()).await {
+        Ok(_) => next.run(request).await,
+        Err(denied) => denied,
+    }
 }
 
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
@@ -123,12 +139,11 @@ fn state_error(e: StateError) -> Response {
     }
 }
 
-/// The caller's token name, if its role may do `action`; else the 401 or 403 to send.
-async fn authorise(
+/// The caller's token name and role; else the 401 to send.
+async fn authenticate(
     context: &AdminContext,
     headers: &HeaderMap,
-    action: Action,
-) -> Result<String, Response> {
+) -> Result<(String, Role), Response> {
     let unauthorised = |message: &str| {
         let mut response = error(StatusCode::UNAUTHORIZED, message);
         response.headers_mut().insert(
@@ -148,9 +163,16 @@ async fn authorise(
         ));
     };
     let found = with_state(context, move |s| s.token(&secret)).await?;
-    let Some((name, role)) = found else {
-        return Err(unauthorised("unknown or revoked token"));
-    };
+    found.ok_or_else(|| unauthorised("unknown or revoked token"))
+}
+
+/// The caller's token name, if its role may do `action`; else the 401 or 403 to send.
+async fn authorise(
+    context: &AdminContext,
+    headers: &HeaderMap,
+    action: Action,
+) -> Result<String, Response> {
+    let (name, role) = authenticate(context, headers).await?;
     if !role.allows(action) {
         let needed = Role::ALL
             .into_iter()

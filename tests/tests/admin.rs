@@ -139,6 +139,15 @@ async fn each_role_can_do_exactly_what_it_should() -> anyhow::Result<()> {
         let (status, _) = admin.call(method, path, Some("potluck_not-a-token"));
         assert_eq!(status, 401, "unknown token: {method} {path}");
     }
+    // Without a token, a malformed path or query is refused as
+    // unauthorised, before it is parsed.
+    for (method, path) in [
+        ("POST", "/api/v1/models/not-a-version/rollback"),
+        ("GET", "/api/v1/rounds?limit=lots"),
+    ] {
+        let (status, body) = admin.call(method, path, None);
+        assert_eq!(status, 401, "{method} {path}: {body}");
+    }
     // The dashboard page itself is public; its data is not.
     let (status, page) = admin.call("GET", "/", None);
     assert_eq!(status, 200);
