@@ -185,7 +185,9 @@ impl Server {
                 "round interrupted by the last stop; its privacy stays spent, and a new round starts from the last committed model"
             );
         }
-        state::export_metrics(&self.state, &self.config.state_dir)?;
+        if let Err(e) = state::export_metrics(&self.state, &self.config.state_dir) {
+            warn!(error = %e, "could not write metrics.jsonl; every round is in the database all the same");
+        }
         let next_round = self.state.next_round()?;
         let completed = self.state.rounds_completed()?;
         // Built once: it calibrates the noise to the budget.
@@ -651,7 +653,10 @@ impl Driver {
                 info!("{}", describe(&summary));
                 let line = metrics_line(&summary);
                 self.state.round_completed(&summary, &line)?;
-                state::append_metrics(&self.state_dir, &line)?;
+                // The database holds the line; the file is rewritten from it at the next start.
+                if let Err(e) = state::append_metrics(&self.state_dir, &line) {
+                    warn!(error = %e, "could not append to metrics.jsonl; the round is in the database");
+                }
             }
             CoordinatorEvent::RoundAbandoned {
                 round,

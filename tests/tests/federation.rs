@@ -375,3 +375,17 @@ async fn agents_wait_out_a_coordinator_outage_and_join_the_next_round() -> anyho
     );
     Ok(())
 }
+
+/// An export file that cannot be written (here a directory stands where
+/// `metrics.jsonl` goes) must not take the coordinator down: every round is
+/// in its database, and the file is rewritten from it at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_metrics_file_does_not_stop_the_coordinator() -> anyhow::Result<()> {
+    init_logging();
+    let f = Franchise::new(3, 30, 2)?;
+    std::fs::create_dir_all(f.state_dir().join("metrics.jsonl"))?;
+    let summary = f.run_all(LIMIT).await?;
+    assert_eq!(summary.rounds_completed, 2, "the rounds went on");
+    assert_eq!(f.state()?.rounds_completed()?, 2, "and are recorded");
+    Ok(())
+}
