@@ -105,9 +105,7 @@ enum Job {
 }
 
 enum Done {
-    /// A model evaluated here; the counts are sent only if `.2` (see
-    /// `[privacy] dangerous_plain_evaluation`).
-    Evaluated(ModelVersion, EvalCounts, bool),
+    Evaluated(ModelVersion, EvalCounts),
     /// Trained for a round, or audited in one: what to contribute.
     Trained(Box<RoundTask>, Result<Work, String>),
 }
@@ -410,7 +408,8 @@ impl Agent {
 
     fn apply(&self, done: Done, session: &mut SiteSession) {
         match done {
-            Done::Evaluated(version, counts, plain) => {
+            Done::Evaluated(version, counts) => {
+                let plain = self.config.privacy.dangerous_plain_evaluation;
                 if let Some((hr, _)) = counts.model.means(counts.cases) {
                     info!(site = %self.config.site_id, %version, hr_at_10 = format!("{hr:.3}"), cases = counts.cases, "evaluated model");
                 }
@@ -502,11 +501,7 @@ impl WorkerContext {
                 .expect("the compute semaphore is never closed")
         });
         let done = match job {
-            Job::Model(model) => Done::Evaluated(
-                model.version,
-                on_model(&self.store, &model),
-                self.limits.dangerous_plain_evaluation,
-            ),
+            Job::Model(model) => Done::Evaluated(model.version, on_model(&self.store, &model)),
             Job::Audit(task, model) => {
                 let seed = self.simulation.as_ref().map(|s| s.seed);
                 let mut rng = round_rng(seed, &self.site, task.round, "audit");
@@ -697,9 +692,7 @@ fn charge_ledger(
     let step = privacy_step(task, floor).ok_or("a private round without secure aggregation")?;
     let prior = release.and(privacy.prior_step());
     let steps: Vec<Step> = std::iter::once(step).chain(prior).collect();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = potluck_shared::dp::unix_seconds(SystemTime::now());
     let spent = store
         .with(|s| {
             s.spend_privacy(

@@ -726,10 +726,7 @@ fn peers_forget(config: &Path, site: &SiteId) -> Result<()> {
 fn privacy(config: &Path, json: bool) -> Result<()> {
     let config = load_config(config)?;
     let store = open_store(&config)?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .context("the clock is before 1970")?
-        .as_secs();
+    let now = potluck_shared::dp::unix_seconds(std::time::SystemTime::now());
     let spent = store.ledger()?.spent(&config.privacy.cap(), now);
     let window = config.privacy.window_days;
     if json {

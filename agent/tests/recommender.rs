@@ -1,13 +1,17 @@
 //! The recommender against the baseline it must beat: it starts as
 //! GP-TopFreq, keeps a habit first through training, sees the same inputs in
-//! training, evaluation and at the till, and never learns from held-out orders.
+//! training, evaluation and at the till, and never learns from held-out orders;
+//! and its evaluation, by default, tells the coordinator nothing.
 
 // Test helpers panic on setup failures, which is what a test should do.
 #![allow(clippy::unwrap_used)]
 
 use potluck_agent::client::site_data;
+use potluck_agent::config::PrivacyLimits;
 use potluck_agent::dataset::SiteData;
-use potluck_agent::evaluation::{K, gp_topfreq, popularity_ranking, score, top_k};
+use potluck_agent::evaluation::{
+    K, evaluate, gp_topfreq, popularity_ranking, report, score, top_k,
+};
 use potluck_agent::import::{ImportOptions, import_file};
 use potluck_agent::recommend::{Request, recommend};
 use potluck_agent::store::{CustomerHistory, SiteStore};
@@ -17,7 +21,7 @@ use potluck_shared::model::{
     Context, Example, GlobalModel, Menu, MenuItem, ModelDims, ModelSpec, OrderRecord, TrainScope,
 };
 use potluck_shared::synth::{self, SynthConfig};
-use potluck_shared::wire::TrainSettings;
+use potluck_shared::wire::{EvalCounts, TrainSettings};
 
 fn small_dims() -> ModelDims {
     ModelDims {
@@ -259,4 +263,42 @@ fn a_customers_last_order_never_reaches_training_or_popularity() {
     let prior = &data.train[0].prior.log_share;
     assert_eq!(prior[5], prior[0]);
     assert!(prior[1] > prior[5]);
+}
+
+/// Attack: the coordinator sends a model whose menu is one item. Evaluated
+/// on the site's customers, its counts are exact counts of the customers
+/// whose last order holds that item; by default none of it is sent.
+#[test]
+fn a_menu_of_one_model_learns_nothing_from_a_sites_evaluation_report() {
+    let (_dir, store, menu) = synthetic_site(60);
+    // The item most ordered: most customers have it in two orders or more.
+    let popularity = site_data(&store, &model(&menu)).unwrap().popularity;
+    let top = (0..popularity.len())
+        .max_by_key(|&i| popularity[i])
+        .unwrap();
+    let one = Menu::new(vec![menu.items()[top].clone()]).unwrap();
+    let spec = ModelSpec::new(one);
+    let crafted = GlobalModel {
+        version: ModelVersion(7),
+        params: spec.initial_params(1),
+        spec,
+    };
+    let site = site_data(&store, &crafted).unwrap();
+    let counts = evaluate(&crafted.spec, &crafted.params, &site).unwrap();
+    assert!(
+        counts.cases > 0 && counts.model.hits > 0.0,
+        "the oracle exists: {counts:?}"
+    );
+    assert_eq!(
+        counts.model.hits, counts.cases as f64,
+        "every case is a hit on a menu of one"
+    );
+
+    let defaults = PrivacyLimits::default();
+    assert_eq!(
+        report(counts, defaults.dangerous_plain_evaluation),
+        EvalCounts::default(),
+        "a site sends an empty report unless it opted in"
+    );
+    assert_eq!(report(counts, true), counts);
 }

@@ -93,6 +93,13 @@ pub struct Refusal {
     pub window_days: Option<f64>,
 }
 
+/// Seconds since 1970 at `at`, as the ledger counts time; a clock before
+/// 1970 reads 0, which keeps every round in any window (never undercounts).
+pub fn unix_seconds(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Ledger {
     fn in_window<'a>(&'a self, cap: &Cap, now: u64) -> impl Iterator<Item = &'a LedgerEntry> {
         let since = cap.window_secs.map(|w| now.saturating_sub(w));

@@ -15,7 +15,7 @@ pub mod ledger;
 pub use accountant::{Accountant, Guarantee, Step};
 pub use discrete_gaussian::DiscreteGaussian;
 pub use distributed::{Contribution, PrivacyUnit, RoundPrivacy};
-pub use ledger::{Cap, Ledger, LedgerEntry, Refusal, Spent};
+pub use ledger::{Cap, Ledger, LedgerEntry, Refusal, Spent, unix_seconds};
 
 /// The L2 norm, accumulated in f64.
 pub fn l2_norm(values: &[f32]) -> f64 {

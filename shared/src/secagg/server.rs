@@ -99,6 +99,8 @@ pub struct Server {
     sum: Vec<u32>,
     contributors: BTreeSet<SiteId>,
     survivors: Vec<SiteId>,
+    /// What each survivor signs, made once the list is set.
+    survivors_transcript: Vec<u8>,
     signatures: BTreeMap<SiteId, Vec<u8>>,
     replies: BTreeMap<SiteId, UnmaskReply>,
     outbox: VecDeque<(SiteId, ServerMessage)>,
@@ -137,6 +139,7 @@ impl Server {
             sum,
             contributors: BTreeSet::new(),
             survivors: Vec::new(),
+            survivors_transcript: Vec::new(),
             signatures: BTreeMap::new(),
             replies: BTreeMap::new(),
             outbox: VecDeque::new(),
@@ -236,12 +239,9 @@ impl Server {
                 self.contributors.insert(from.clone());
             }
             (Phase::Consistency, ClientMessage::SurvivorSignature(signature)) => {
-                let transcript =
-                    crypto::survivors_transcript(self.round, &self.digest, &self.survivors);
-                let valid = self
-                    .keys
-                    .get(from)
-                    .is_some_and(|key| signature_valid(key, &transcript, &signature));
+                let valid = self.keys.get(from).is_some_and(|key| {
+                    signature_valid(key, &self.survivors_transcript, &signature)
+                });
                 if !valid {
                     return Err(self.refuse(from, ServerViolation::SurvivorSignature));
                 }
@@ -394,6 +394,8 @@ impl Server {
     fn start_consistency(&mut self) -> Result<(), String> {
         self.enough(self.contributors.len(), "sent masked input")?;
         self.survivors = self.contributors.iter().cloned().collect();
+        self.survivors_transcript =
+            crypto::survivors_transcript(self.round, &self.digest, &self.survivors);
         for site in &self.survivors {
             self.outbox.push_back((
                 site.clone(),
