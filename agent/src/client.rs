@@ -18,7 +18,9 @@ use potluck_shared::secagg::{PeerVerifier, SiteSigner};
 use potluck_shared::service::systemd;
 use potluck_shared::tls::{self, Identity};
 use potluck_shared::transport::{self, CloseCode, TransportError};
-use potluck_shared::wire::{CoordinatorMessage, RoundTask, SiteBudget, SiteMessage};
+use potluck_shared::wire::{
+    CoordinatorMessage, NeighbourRelease, RoundTask, SiteBudget, SiteMessage,
+};
 use potluck_shared::{ModelVersion, SiteId};
 use rand::RngExt;
 use rand::rngs::StdRng;
@@ -102,6 +104,9 @@ enum Job {
     Model(Arc<GlobalModel>),
     Train(Box<RoundTask>, Arc<GlobalModel>),
     Audit(Box<RoundTask>, Arc<GlobalModel>),
+    Census(Box<RoundTask>, Arc<GlobalModel>),
+    /// Kept by the worker, so that a round after it trains with it.
+    Neighbours(Arc<NeighbourRelease>),
 }
 
 enum Done {
@@ -355,6 +360,11 @@ impl Agent {
                 info!(site = %self.config.site_id, round = %task.round, version = %model.version, "fairness audit");
                 Job::Audit(task, model)
             }
+            SiteEvent::CensusRequested { task, model } => {
+                info!(site = %self.config.site_id, round = %task.round, "neighbour census");
+                Job::Census(task, model)
+            }
+            SiteEvent::NeighboursReceived(release) => Job::Neighbours(release),
             SiteEvent::ServeModel(model) => return self.serve(model),
             SiteEvent::PeersMet(met) => return self.pin(met),
             SiteEvent::RoundAbandoned(round) => {
@@ -494,7 +504,12 @@ struct WorkerContext {
 impl WorkerContext {
     /// Run `job` in one of the simulation's compute slots, if any; then, for
     /// a slow site, wait its delay (outside the slot) before reporting.
-    fn run(&self, job: Job) -> Done {
+    /// Nothing is reported for a job that only keeps what arrived.
+    fn run(&self, job: Job) -> Option<Done> {
+        if let Job::Neighbours(release) = job {
+            self.keep_neighbours(&release);
+            return None;
+        }
         let permit = self.simulation.as_ref().map(|s| {
             self.runtime
                 .block_on(s.compute.clone().acquire_owned())
@@ -508,6 +523,13 @@ impl WorkerContext {
                 let result = audit_for_round(self, &task, &model, &mut rng);
                 Done::Trained(task, result)
             }
+            Job::Census(task, model) => {
+                let seed = self.simulation.as_ref().map(|s| s.seed);
+                let mut rng = round_rng(seed, &self.site, task.round, "census");
+                let result = census_for_round(self, &task, &model, &mut rng);
+                Done::Trained(task, result)
+            }
+            Job::Neighbours(_) => return None,
             Job::Train(task, model) => {
                 let seed = self.simulation.as_ref().map(|s| s.seed);
                 let mut rng = round_rng(seed, &self.site, task.round, "train");
@@ -516,11 +538,22 @@ impl WorkerContext {
                 if let Some(s) = &self.simulation {
                     std::thread::sleep(s.faults.delay(s.seed, &self.site));
                 }
-                return Done::Trained(task, result);
+                return Some(Done::Trained(task, result));
             }
         };
         drop(permit);
-        done
+        Some(done)
+    }
+
+    fn keep_neighbours(&self, release: &NeighbourRelease) {
+        match self.store.with(|s| s.save_neighbours(release)) {
+            Ok(()) => {
+                info!(site = %self.site, lineage = %release.lineage, round = %release.round, "kept the franchise's neighbour census")
+            }
+            Err(e) => {
+                warn!(site = %self.site, error = %e, "could not keep the neighbour census; new items are ranked by popularity")
+            }
+        }
     }
 }
 
@@ -565,7 +598,10 @@ fn spawn_worker(
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
         for job in job_rx {
-            if done_tx.send(context.run(job)).is_err() {
+            let Some(done) = context.run(job) else {
+                continue;
+            };
+            if done_tx.send(done).is_err() {
                 break;
             }
         }
@@ -636,6 +672,37 @@ fn audit_for_round(
         .map_err(|e| e.to_string())
 }
 
+/// Sum this site's customers' item pairs for a neighbour census, charged to
+/// the privacy ledger like a round.
+fn census_for_round(
+    context: &WorkerContext,
+    task: &RoundTask,
+    model: &GlobalModel,
+    rng: &mut StdRng,
+) -> Result<Work, String> {
+    let (Some(census), Some(privacy)) = (&task.census, &task.privacy) else {
+        return Err("a census without its spec or privacy".into());
+    };
+    // A second release of the same statistic would only spend budget (and,
+    // averaged with the first, lower its noise).
+    let held = context
+        .store
+        .with(|s| s.neighbours())
+        .map_err(|e| e.to_string())?;
+    if held.is_some_and(|n| n.lineage == privacy.lineage) {
+        return Err(format!(
+            "this site already holds the neighbour census of lineage {}",
+            privacy.lineage
+        ));
+    }
+    let data = context
+        .store
+        .with(|s| site_data(s, model))
+        .map_err(|e| e.to_string())?;
+    let budget = charge_ledger(context, task, privacy, None)?;
+    Ok(Work::Private(data.census(census, privacy, rng), budget))
+}
+
 /// The prior a private round trains with: the lineage's earlier release, or
 /// a new one (returned, to be charged with the round), or none when the
 /// round asks for none.
@@ -649,16 +716,18 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
         data.set_prior(SitePrior::default());
         return Ok(None);
     }
+    let menu_len = data.popularity.len();
     let stored = context
         .store
-        .with(|s| s.prior_release())
+        .with(|s| {
+            let Some(release) = s.prior_release()? else {
+                return Ok(None);
+            };
+            private_prior(s, &release, menu_len)
+        })
         .map_err(|e| e.to_string())?;
-    let menu_len = data.popularity.len();
-    if let Some(prior) = stored
-        .filter(|r| r.lineage == privacy.lineage)
-        .and_then(|r| SitePrior::from_release(&r.counts, menu_len))
-    {
-        data.set_prior(prior);
+    if let Some(prior) = stored.filter(|p| p.lineage == privacy.lineage) {
+        data.set_prior(prior.prior);
         return Ok(None);
     }
     let release = PriorRelease {
@@ -667,9 +736,12 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
             .release_prior(privacy.prior_noise_multiplier, rng)
             .map_err(|e| format!("cannot release the site prior: {e}"))?,
     };
-    let prior = SitePrior::from_release(&release.counts, menu_len)
+    let prior = context
+        .store
+        .with(|s| private_prior(s, &release, menu_len))
+        .map_err(|e| e.to_string())?
         .ok_or("the site prior's release does not fit the menu")?;
-    data.set_prior(prior);
+    data.set_prior(prior.prior);
     Ok(Some(release))
 }
 
@@ -714,7 +786,7 @@ fn charge_ledger(
             "noise_multiplier": step.noise_multiplier,
             "sampling_rate": step.sampling_rate,
             "prior_release_noise_multiplier": prior.map(|p| p.noise_multiplier),
-            "purpose": if task.audit.is_some() { "fairness audit" } else { "training" },
+            "purpose": purpose(task),
         })
     };
     let epsilon = match spent {
@@ -754,6 +826,15 @@ fn charge_ledger(
     })
 }
 
+/// What a round is for, as the site's audit log names it.
+fn purpose(task: &RoundTask) -> &'static str {
+    match (&task.audit, &task.census) {
+        (Some(_), _) => "fairness audit",
+        (None, Some(_)) => "neighbour census",
+        (None, None) => "training",
+    }
+}
+
 /// Evaluate a new model; failures are logged and reported as zero cases. It
 /// is kept for recommendations only once released ([`Job::Serve`]).
 fn on_model(store: &StoreHandle, model: &GlobalModel) -> EvalCounts {
@@ -787,13 +868,41 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Sto
     let mut data = SiteData::prepare(&histories, model.spec.menu.len(), model.spec.history_decay);
     // Once a private lineage has released the prior, everything uses it, so
     // that training, evaluation and the till see the same inputs.
-    if let Some(prior) = store
-        .prior_release()?
-        .and_then(|r| SitePrior::from_release(&r.counts, model.spec.menu.len()))
+    if let Some(release) = store.prior_release()?
+        && let Some(prior) = private_prior(store, &release, model.spec.menu.len())?
     {
-        data.set_prior(prior);
+        data.set_prior(prior.prior);
     }
     Ok(data)
+}
+
+/// A private lineage's prior and the lineage it belongs to.
+struct PrivatePrior {
+    lineage: String,
+    prior: SitePrior,
+}
+
+/// The prior of a private lineage: the site's own popularity `release`,
+/// with the franchise's neighbour census when the site holds one for the
+/// same lineage; `None` when the release does not fit the menu.
+fn private_prior(
+    store: &SiteStore,
+    release: &PriorRelease,
+    menu_len: usize,
+) -> Result<Option<PrivatePrior>, StoreError> {
+    let mut values = release.counts.clone();
+    let census = store
+        .neighbours()?
+        .filter(|n| n.lineage == release.lineage && n.pairs.len() == menu_len * menu_len);
+    if let Some(census) = census {
+        values.extend(census.pairs.iter().map(|&v| f64::from(v)));
+    }
+    Ok(
+        SitePrior::from_release(&values, menu_len).map(|prior| PrivatePrior {
+            lineage: release.lineage.clone(),
+            prior,
+        }),
+    )
 }
 
 /// Tasks that live as long as the agent runs: aborted when it returns.

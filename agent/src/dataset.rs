@@ -12,6 +12,9 @@ use potluck_shared::model::{
     Example, OrderRecord, OwnPairs, SitePrior, first_order_pairs, topfreq_order, training_examples,
 };
 
+use potluck_shared::dp::{Contribution, RoundPrivacy};
+use potluck_shared::wire::NeighbourCensus;
+
 use crate::store::CustomerHistory;
 
 /// One held-out order to rank.
@@ -44,6 +47,8 @@ pub struct SiteData {
     /// ([`first_order_pairs`]) scaled to unit L2 norm, which the neighbours
     /// of the prior without noise are built from.
     pub customer_pairs: Vec<f64>,
+    /// Each customer's part in `customer_pairs`, in `customers` order.
+    pub own_pairs: Vec<Arc<OwnPairs>>,
     /// The site's prior over its menu, which every example carries.
     pub prior: Arc<SitePrior>,
 }
@@ -89,6 +94,7 @@ impl SiteData {
                         }),
                 );
             data.customers.push(start..data.train.len());
+            data.own_pairs.push(own);
         }
         // Without noise: the counts GP-TopFreq ranks by, and the neighbours.
         let exact: Vec<f64> = data
@@ -163,6 +169,29 @@ impl SiteData {
             .collect())
     }
 
+    /// This site's part in a neighbour census: every consenting customer's
+    /// pairs, as in `customer_pairs` (unit L2 norm each), rounded within the
+    /// census's bound. The site adds its noise when it finishes the contribution.
+    pub fn census<R: rand::CryptoRng + ?Sized>(
+        &self,
+        census: &NeighbourCensus,
+        privacy: &RoundPrivacy,
+        rng: &mut R,
+    ) -> Contribution {
+        let m = census.menu_len as usize;
+        let mut contribution = Contribution::of_length(census.length());
+        for own in self.own_pairs.iter().filter(|o| !o.pairs.is_empty()) {
+            let cells: Vec<usize> = own
+                .pairs
+                .iter()
+                .map(|&(i, j)| i as usize * m + j as usize)
+                .collect();
+            let values = vec![own.weight; cells.len()];
+            contribution.add_sparse(privacy, &cells, values, rng);
+        }
+        contribution
+    }
+
     /// Give every example `prior` as the site's prior over its menu.
     pub fn set_prior(&mut self, prior: SitePrior) {
         let prior = Arc::new(prior);
@@ -174,5 +203,72 @@ impl SiteData {
         for example in examples {
             example.prior = prior.clone();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use potluck_shared::dp::PrivacyUnit;
+    use rand::SeedableRng;
+
+    fn customer(orders: &[&[u32]]) -> CustomerHistory {
+        CustomerHistory {
+            pseudonym: String::new(),
+            orders: orders
+                .iter()
+                .enumerate()
+                .map(|(k, items)| OrderRecord::new(k as i64 * 86_400, 0, items.to_vec()))
+                .collect(),
+            attributes: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_census_sums_each_customers_training_pairs_and_nothing_held_out() {
+        let m = 5;
+        // The last order of each customer is held out: item 4 never counts.
+        let histories = [
+            customer(&[&[0], &[1], &[2], &[4]]),
+            customer(&[&[0, 1], &[3], &[4]]),
+            customer(&[&[2], &[4]]),
+        ];
+        let data = SiteData::prepare(&histories, m, 0.8);
+        let census = NeighbourCensus { menu_len: m as u32 };
+        let (privacy, _) = RoundPrivacy::plan(
+            "t",
+            PrivacyUnit::Customer,
+            1.0,
+            2.0,
+            1.0,
+            1e-6,
+            census.length(),
+            3,
+            2,
+            32,
+        )
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let contribution = data.census(&census, &privacy, &mut rng);
+        assert_eq!(contribution.units(), 2, "the third customer has no pair");
+        for (cell, (&raw, &exact)) in contribution
+            .raw()
+            .iter()
+            .zip(&data.customer_pairs)
+            .enumerate()
+        {
+            let value = raw as f64 / privacy.scale;
+            assert!(
+                (value - exact).abs() <= 1.0 / privacy.scale,
+                "cell {cell}: {value} against {exact}"
+            );
+            if cell % m == 4 {
+                assert_eq!(raw, 0, "a held-out item is in no pair");
+            }
+        }
+        // (0, 1), (0, 2), (1, 2) at 1/√3 from the first customer.
+        let third = 1.0 / 3f64.sqrt();
+        assert!((data.customer_pairs[1] - third).abs() < 1e-9);
+        assert!((data.customer_pairs[m + 3] - 1.0 / 2f64.sqrt()).abs() < 1e-9);
     }
 }

@@ -21,7 +21,7 @@ use potluck_shared::dp::accountant::Step;
 use potluck_shared::dp::{Cap, Ledger, LedgerEntry, Refusal};
 use potluck_shared::model::{GlobalModel, Menu, OrderRecord};
 use potluck_shared::secagg::Pins;
-use potluck_shared::wire::codec;
+use potluck_shared::wire::{NeighbourRelease, codec};
 use potluck_shared::{RoundId, SiteId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -816,6 +816,23 @@ impl SiteStore {
         self.meta(PRIOR_KEY)
     }
 
+    /// The franchise's neighbour census this site last received, if any.
+    pub fn neighbours(&self) -> Result<Option<NeighbourRelease>, StoreError> {
+        self.meta(NEIGHBOURS_KEY)
+    }
+
+    /// Keep the franchise's neighbour census (the latest replaces any before).
+    pub fn save_neighbours(&self, release: &NeighbourRelease) -> Result<(), StoreError> {
+        let bytes = codec::encode(release).map_err(|e| self.corrupt(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+            meta.insert(NEIGHBOURS_KEY, bytes.as_slice())
+                .map_err(|e| self.db_err(e))?;
+        }
+        txn.commit().map_err(|e| self.db_err(e))
+    }
+
     /// Check a round (its `steps`) against the site's ledger and `cap` and
     /// record it at `now`, with the prior `release` it pays for, in one
     /// transaction: the outer error is the store's, the inner a refusal.
@@ -889,6 +906,9 @@ impl SiteStore {
 
 /// Where the released prior is kept.
 const PRIOR_KEY: &str = "privacy-prior";
+
+/// Where the franchise's neighbour census is kept.
+const NEIGHBOURS_KEY: &str = "neighbour-census";
 
 /// A site's differentially private release of its popularity counts, made
 /// once per lineage and then used by training, evaluation and the till.

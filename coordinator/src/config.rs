@@ -165,6 +165,11 @@ pub struct PrivacySection {
     /// Noise multiplier of each site's one-off release of its popularity
     /// prior (0: private rounds train without it). Charged once per lineage.
     pub prior_noise_multiplier: f64,
+    /// Noise multiplier of the lineage's one census of the franchise's item
+    /// neighbours, a securely summed round before the first training round
+    /// (0: no census; new items are then ranked by popularity alone).
+    /// Charged once per lineage.
+    pub neighbour_noise_multiplier: f64,
     /// Adaptive clipping: the share of customers whose update should fit the
     /// clip norm, which then follows it from `clip_norm` (absent: fixed).
     pub clip_quantile: Option<f64>,
@@ -185,6 +190,7 @@ impl Default for PrivacySection {
             noise_multiplier: None,
             planned_rounds: None,
             prior_noise_multiplier: 10.0,
+            neighbour_noise_multiplier: 20.0,
             clip_quantile: Some(0.5),
             clip_learning_rate: 0.2,
         }
@@ -195,6 +201,12 @@ impl PrivacySection {
     /// The sites' prior release, if private rounds use one.
     pub fn prior_step(&self) -> Option<Step> {
         potluck_shared::dp::distributed::prior_step(self.prior_noise_multiplier)
+    }
+
+    /// The neighbour census, if the lineage makes one: a Gaussian mechanism
+    /// over every customer, like the prior.
+    pub fn census_step(&self) -> Option<Step> {
+        potluck_shared::dp::distributed::prior_step(self.neighbour_noise_multiplier)
     }
 
     /// The noise multiplier: as configured, or calibrated to the budget.
@@ -216,6 +228,7 @@ impl PrivacySection {
             .map(|a| (Step::gaussian(1.0, a.noise_multiplier), a.audits(rounds)))
             .into_iter()
             .chain(self.prior_step().map(|step| (step, 1)))
+            .chain(self.census_step().map(|step| (step, 1)))
             .collect();
         let z = accountant::calibrate_with_reserve(
             self.target_epsilon,
@@ -662,6 +675,20 @@ impl CoordinatorConfig {
         if p.lineage.trim().is_empty() {
             return Err("privacy.lineage must not be empty".into());
         }
+        let least = potluck_shared::dp::distributed::MIN_PRIOR_NOISE;
+        for (field, value) in [
+            ("privacy.prior_noise_multiplier", p.prior_noise_multiplier),
+            (
+                "privacy.neighbour_noise_multiplier",
+                p.neighbour_noise_multiplier,
+            ),
+        ] {
+            if !(value == 0.0 || (value.is_finite() && value >= least)) {
+                return Err(format!(
+                    "{field} must be 0 or at least {least}, got {value}"
+                ));
+            }
+        }
         p.noise_multiplier(self.rounds.max_rounds, self.audit.as_ref())
             .map(|_| ())
     }
@@ -695,6 +722,7 @@ impl CoordinatorConfig {
             target_epsilon: p.target_epsilon,
             delta: p.delta,
             prior_noise_multiplier: p.prior_noise_multiplier,
+            neighbour_noise_multiplier: p.neighbour_noise_multiplier,
             clip_quantile: p.clip_quantile,
             clip_learning_rate: p.clip_learning_rate,
         });

@@ -205,6 +205,7 @@ impl Server {
         let audited = self.state.fairness(Some(model.version.0))?.is_some();
         let optimizer = self.state.optimizer_state(model.version.0)?;
         let prior_charged = self.state.prior_charged(&lineage)?;
+        let neighbours = self.state.neighbours(&lineage)?;
         if let Some(policy) = &round_config.privacy {
             info!(
                 %lineage,
@@ -236,7 +237,8 @@ impl Server {
             .with_completed(completed)
             .with_released(released, audited)
             .with_optimizer(optimizer)
-            .with_prior_charged(prior_charged);
+            .with_prior_charged(prior_charged)
+            .with_neighbours(neighbours);
         let target = self
             .config
             .privacy
@@ -714,6 +716,13 @@ impl Driver {
                 );
             }
             CoordinatorEvent::TrainingFinished => info!("training finished"),
+            CoordinatorEvent::CensusOpened { round, cohort } => {
+                info!(%round, sites = cohort.len(), "neighbour census opened: sites sum their customers' item pairs under secure aggregation and noise");
+            }
+            CoordinatorEvent::NeighboursReleased(release) => {
+                self.state.record_neighbours(&release)?;
+                info!(round = %release.round, lineage = %release.lineage, "neighbour census released to the sites");
+            }
             CoordinatorEvent::AuditOpened {
                 round,
                 model_version,

@@ -20,7 +20,7 @@ use potluck_shared::dp::Step;
 use potluck_shared::fairness::FairnessReport;
 use potluck_shared::model::{GlobalModel, ModelSpec};
 use potluck_shared::round::{AuditOutcome, OptimizerState};
-use potluck_shared::wire::codec;
+use potluck_shared::wire::{NeighbourRelease, codec};
 use potluck_shared::{ModelVersion, RoundId, SiteId};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
@@ -117,6 +117,12 @@ CREATE TABLE IF NOT EXISTS site_budgets (
     epsilon REAL NOT NULL,
     max_epsilon REAL NOT NULL,
     reported_at TEXT NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS neighbour_census (
+    lineage TEXT PRIMARY KEY,
+    round INTEGER NOT NULL,
+    release BLOB NOT NULL,
+    recorded_at TEXT NOT NULL
 ) STRICT;
 ";
 
@@ -1131,6 +1137,40 @@ impl State {
             .ledger()?
             .iter()
             .any(|e| e.lineage == lineage && e.prior.is_some()))
+    }
+
+    /// Keep a lineage's neighbour census, with an audit entry, in one transaction.
+    pub fn record_neighbours(&mut self, release: &NeighbourRelease) -> Result<(), StateError> {
+        let bytes = codec::encode(release).map_err(|e| self.corrupt("neighbour census", e))?;
+        self.transact(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO neighbour_census (lineage, round, release, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![release.lineage, release.round.0, bytes, audit::timestamp()],
+            )?;
+            append_audit(
+                tx,
+                "neighbour_census",
+                serde_json::json!({"lineage": release.lineage, "round": release.round.0}),
+            )
+        })
+    }
+
+    /// `lineage`'s neighbour census, if it has made one.
+    pub fn neighbours(&self, lineage: &str) -> Result<Option<NeighbourRelease>, StateError> {
+        let bytes: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT release FROM neighbour_census WHERE lineage = ?1",
+                [lineage],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())?;
+        bytes
+            .map(|b| codec::decode(&b))
+            .transpose()
+            .map_err(|e| self.corrupt(format!("neighbour census of {lineage}"), e))
     }
 
     // ---- sites ----

@@ -79,6 +79,9 @@ pub struct DataSummary {
 pub struct RoundScore {
     /// The round.
     pub round: u64,
+    /// The model version it produced (behind the round when a census or
+    /// an audit took a round number).
+    pub model_version: u64,
     /// HR@10.
     pub hr_at_10: f64,
     /// NDCG@10.
@@ -243,6 +246,7 @@ fn summarise(
         .filter_map(|r| {
             Some(RoundScore {
                 round: r.round,
+                model_version: r.model_version,
                 hr_at_10: r.eval_hr_at_10?,
                 ndcg_at_10: r.eval_ndcg_at_10?,
                 repeat_hr_at_10: r.eval_repeat_hr_at_10,

@@ -24,9 +24,14 @@ fn privacy(target: f64) -> String {
 /// The default noise multiplier of the sites' one-off prior release.
 const PRIOR: f64 = 10.0;
 
-/// ε after `rounds` rounds (at least one), the prior release paid with the first.
+/// The default noise multiplier of the lineage's one neighbour census.
+const CENSUS: f64 = 20.0;
+
+/// ε after the census and `rounds` rounds (at least one), the prior release
+/// paid with the first.
 fn epsilon_after(rounds: u64) -> f64 {
     let mut spent = Accountant::default();
+    spent.compose(&Step::gaussian(1.0, CENSUS), 1);
     spent.compose(&Step::gaussian(Q, Z), rounds);
     spent.compose(&Step::gaussian(1.0, PRIOR), 1);
     spent.epsilon(DELTA).epsilon
@@ -48,8 +53,9 @@ async fn training_stops_before_the_round_that_would_exceed_the_target() -> anyho
         last <= target && (last - epsilon_after(3)).abs() < 0.01 * last,
         "ε {last}"
     );
-    // The coordinator's ledger holds every round, written before the round was sent.
-    assert_eq!(f.state()?.ledger()?.len(), 3);
+    // The coordinator's ledger holds the census and every round, each
+    // written before it was sent.
+    assert_eq!(f.state()?.ledger()?.len(), 4);
     Ok(())
 }
 
@@ -70,8 +76,9 @@ async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyh
     f.coordinator.rounds.max_rounds = Some(1);
     let coordinator = RunningCoordinator::start(f.coordinator.clone())?;
     let agents = RunningAgents::start(limited(&f, coordinator.addr, site_max)?)?;
-    // Wait for the fresh coordinator to open a round, then for the sites' answers.
-    while f.state().map_or(0, |s| s.ledger().map_or(0, |l| l.len())) == 0 {
+    // Wait for the fresh coordinator to try its census three times and open
+    // a training round, then for the sites' answers.
+    while f.state().map_or(0, |s| s.ledger().map_or(0, |l| l.len())) < 4 {
         assert!(
             !coordinator.task.is_finished(),
             "the coordinator stopped early"
@@ -85,10 +92,16 @@ async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyh
         f.metrics()?.is_empty(),
         "no round completed with the fresh coordinator"
     );
-    assert!(declined.len() >= 3, "every site declined: {declined:?}");
+    let budget = declined
+        .iter()
+        .filter(|(_, _, reason)| reason.contains("privacy budget"))
+        .count();
+    assert!(budget >= 3, "every site declined training: {declined:?}");
     for (site, _, reason) in &declined {
         assert!(
-            reason.contains("privacy budget") && reason.contains("default"),
+            reason.contains("default")
+                && (reason.contains("privacy budget")
+                    || reason.contains("already holds the neighbour census")),
             "{site} says why: {reason}"
         );
     }
@@ -98,8 +111,9 @@ async fn a_site_whose_ledger_is_spent_refuses_even_a_fresh_coordinator() -> anyh
         assert!(ledger.entries.iter().all(|e| e.lineage == "default"));
         assert_eq!(
             ledger.entries.len(),
-            3,
-            "two rounds and the prior release they paid for; the refused round is not recorded"
+            4,
+            "the census, two rounds and the prior release they paid for; the refused round is \
+             not recorded"
         );
     }
     Ok(())

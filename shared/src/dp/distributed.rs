@@ -384,6 +384,32 @@ impl Contribution {
         self.units += 1;
     }
 
+    /// Add one unit's sparse vector, `(index, value)` with distinct indices
+    /// below the length: the same as [`Self::add_vector`] of its dense form,
+    /// since a zero always rounds to zero, at the cost of its non-zeros only.
+    pub fn add_sparse<R: CryptoRng + ?Sized>(
+        &mut self,
+        privacy: &RoundPrivacy,
+        indices: &[usize],
+        mut values: Vec<f32>,
+        rng: &mut R,
+    ) {
+        clip_l2(&mut values, privacy.clip_norm);
+        conditional_round(
+            &values,
+            privacy.scale,
+            privacy.rounded_bound,
+            rng,
+            &mut self.rounded,
+        );
+        for (&i, r) in indices.iter().zip(&self.rounded) {
+            if let Some(acc) = self.sum.get_mut(i) {
+                *acc += r;
+            }
+        }
+        self.units += 1;
+    }
+
     /// Clamp, add this site's discrete Gaussian noise, and wrap for secure aggregation.
     pub fn finish<R: CryptoRng + ?Sized>(
         self,
@@ -470,6 +496,31 @@ mod tests {
 
     fn norm(v: &[i64]) -> f64 {
         v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn a_sparse_unit_adds_what_its_dense_form_adds_and_stays_within_delta() {
+        let (privacy, _) = plan(PrivacyUnit::Customer);
+        let mut rng = StdRng::seed_from_u64(3);
+        // Values on the integer grid round exactly, whatever the draw.
+        let grid = |k: f64| (k / privacy.scale) as f32;
+        let indices = [3usize, 40, 101];
+        let values = vec![grid(2.0), grid(-5.0), grid(7.0)];
+        let mut dense_vector = vec![0.0f32; 102];
+        for (&i, &v) in indices.iter().zip(&values) {
+            dense_vector[i] = v;
+        }
+        let mut sparse = Contribution::of_length(102);
+        sparse.add_sparse(&privacy, &indices, values, &mut rng);
+        let mut dense = Contribution::of_length(102);
+        dense.add_vector(&privacy, dense_vector, &mut rng);
+        assert_eq!(sparse.raw(), dense.raw());
+        assert_eq!(sparse.raw()[40], -5);
+        // Far beyond the clip norm: clipped, then rounded within Δ.
+        let mut big = Contribution::of_length(102);
+        big.add_sparse(&privacy, &[0, 1], vec![50.0, -80.0], &mut rng);
+        assert!(norm(big.raw()) <= privacy.rounded_bound);
+        assert!(norm(big.raw()) >= 0.9 * f64::from(privacy.clip_norm) * privacy.scale);
     }
 
     #[test]

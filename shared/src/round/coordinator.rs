@@ -11,8 +11,12 @@ use crate::ids::{ModelVersion, RoundId, SiteId};
 use crate::model::{GlobalModel, ModelError, SpecHash, check_vector};
 use crate::secagg::{self, Encoding, Outcome, Setup};
 use crate::wire::{
-    CoordinatorMessage, EvalCounts, RoundTask, SiteMessage, SiteUpdate, TrainSettings,
+    CoordinatorMessage, EvalCounts, NeighbourCensus, NeighbourRelease, RoundTask, SiteMessage,
+    SiteUpdate, TrainSettings,
 };
+
+/// Censuses tried per lineage before training goes on without one.
+const CENSUS_ATTEMPTS: u32 = 3;
 
 /// Settings of the round lifecycle.
 #[derive(Debug, Clone)]
@@ -100,6 +104,10 @@ pub struct PrivacyPolicy {
     /// Noise multiplier of each site's one-off release of its popularity
     /// prior (0: private rounds train without a prior).
     pub prior_noise_multiplier: f64,
+    /// Noise multiplier of the lineage's one census of the franchise's item
+    /// neighbours, summed securely before its first training round (0: no
+    /// census; private rounds rank new items by popularity alone).
+    pub neighbour_noise_multiplier: f64,
     /// Adaptive clipping: the share of customers whose update should fit
     /// the clip norm (absent: the clip norm stays `clip_norm`).
     pub clip_quantile: Option<f64>,
@@ -256,6 +264,17 @@ pub enum CoordinatorEvent {
         /// The sites asked.
         cohort: Vec<SiteId>,
     },
+    /// A census of the franchise's item neighbours opened; it is charged
+    /// like a training round.
+    CensusOpened {
+        /// The census round.
+        round: RoundId,
+        /// The sites asked.
+        cohort: Vec<SiteId>,
+    },
+    /// The census finished: persist the release before sending anything;
+    /// every site gets it, now and when it connects.
+    NeighboursReleased(Arc<NeighbourRelease>),
     /// A version was audited: `failures` is empty when it passed the gate and
     /// was released, else it is held.
     AuditCompleted(Box<AuditOutcome>),
@@ -411,6 +430,8 @@ struct Training {
     weight_sum: f64,
     /// Set when the round audits a version instead of training.
     audit: Option<AuditRun>,
+    /// Set when the round is the lineage's neighbour census.
+    census: bool,
 }
 
 impl Training {
@@ -447,6 +468,7 @@ impl Training {
             privacy: None,
             weight_sum: 0.0,
             audit: None,
+            census: false,
         }
     }
 }
@@ -506,6 +528,10 @@ pub struct Coordinator {
     spent: Accountant,
     /// The lineage's ledger has paid for the sites' prior release.
     prior_charged: bool,
+    /// The lineage's neighbour census, once made.
+    neighbours: Option<Arc<NeighbourRelease>>,
+    /// Censuses abandoned so far; after [`CENSUS_ATTEMPTS`] training goes on without.
+    census_attempts: u32,
     /// No new round opens while paused (an operator's stop, or outside the schedule).
     paused: bool,
     /// A rollback waiting for the current round to end: the version and its parameters.
@@ -542,6 +568,8 @@ impl Coordinator {
             certs: std::collections::BTreeMap::new(),
             spent: Accountant::default(),
             prior_charged: false,
+            neighbours: None,
+            census_attempts: 0,
             paused: false,
             rollback: None,
             optimizer: OptimizerState::default(),
@@ -550,6 +578,12 @@ impl Coordinator {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// The lineage's neighbour census, made before a restart (from durable state).
+    pub fn with_neighbours(mut self, release: Option<NeighbourRelease>) -> Self {
+        self.neighbours = release.map(Arc::new);
+        self
     }
 
     /// Rounds of this lineage already run (from the durable privacy ledger).
@@ -697,6 +731,10 @@ impl Coordinator {
         );
         if let Some(released) = &self.released {
             let message = self.release_message(released);
+            self.send(site.clone(), Arc::new(message));
+        }
+        if let Some(neighbours) = &self.neighbours {
+            let message = CoordinatorMessage::Neighbours(neighbours.clone());
             self.send(site, Arc::new(message));
         }
         self.try_open(now);
@@ -1006,6 +1044,11 @@ impl Coordinator {
                 };
                 self.close_audit(t, sum, contributors.len());
             }
+            Some(Outcome::Completed { sum, .. }) if t.census => {
+                let round = t.round;
+                self.phase = Phase::Idle;
+                self.close_census(round, sum);
+            }
             Some(Outcome::Completed { sum, contributors }) => {
                 t.received = contributors.len();
                 t.dropped = t.cohort.len() - contributors.len();
@@ -1042,6 +1085,7 @@ impl Coordinator {
                 let reason = format!("secure aggregation aborted: {reason}");
                 match t.audit {
                     Some(audit) => self.abandon_audit(t.round, audit, reason, true, now),
+                    None if t.census => self.abandon_census(t.round, reason, now),
                     None => self.abandon(t.round, 0, reason, now),
                 }
             }
@@ -1256,6 +1300,9 @@ impl Coordinator {
             }
             self.gather_until = None;
         }
+        if self.census_due() {
+            return self.open_census(now);
+        }
         let round = self.next_round;
         let cohort = match self.config.cohort_size {
             Some(size) => cohort(&self.connected, size, self.config.cohort_seed, round),
@@ -1281,6 +1328,7 @@ impl Coordinator {
             secagg: setup.clone(),
             privacy: privacy.clone(),
             audit: None,
+            census: None,
         };
         let server = match &setup {
             Some(setup) => match self.secagg_server(&task, setup) {
@@ -1445,9 +1493,7 @@ impl Coordinator {
             && self.released.as_ref().map(|m| m.version) != Some(self.model.version)
     }
 
-    /// The audit's spec, secure aggregation and privacy: with every connected
-    /// site, or a cohort drawn as for training when `cohort_size` is set
-    /// (secure aggregation's cost grows with the square of the cohort).
+    /// The audit's spec, secure aggregation and privacy.
     fn audit_setup(
         &self,
         policy: &AuditPolicy,
@@ -1455,6 +1501,31 @@ impl Coordinator {
     ) -> Result<(AuditSpec, Setup, RoundPrivacy), String> {
         let spec =
             AuditSpec::new(&policy.attributes, &self.model.spec.menu).map_err(|e| e.to_string())?;
+        let delta = self
+            .config
+            .privacy
+            .as_ref()
+            .map_or(policy.delta, |p| p.delta);
+        let sum = PrivateSum {
+            lineage: &policy.lineage,
+            noise_multiplier: policy.noise_multiplier,
+            clip_norm: spec.clip_norm(),
+            delta,
+            length: spec.length(),
+        };
+        let (setup, privacy) = self.private_sum_setup(round, &sum)?;
+        Ok((spec, setup, privacy))
+    }
+
+    /// Secure aggregation and privacy for a round that sums every customer's
+    /// bounded vector (an audit or a census): with every connected site, or
+    /// a cohort drawn as for training when `cohort_size` is set (secure
+    /// aggregation's cost grows with the square of the cohort).
+    fn private_sum_setup(
+        &self,
+        round: RoundId,
+        sum: &PrivateSum,
+    ) -> Result<(Setup, RoundPrivacy), String> {
         let cohort: Vec<SiteId> = match self.config.cohort_size {
             Some(size) => cohort(&self.connected, size, self.config.cohort_seed, round),
             None => self.connected.clone(),
@@ -1467,19 +1538,14 @@ impl Coordinator {
             .threshold
             .unwrap_or_else(|| Setup::default_threshold(n))
             .min(n);
-        let delta = self
-            .config
-            .privacy
-            .as_ref()
-            .map_or(policy.delta, |p| p.delta);
         let (privacy, encoding) = RoundPrivacy::plan(
-            &policy.lineage,
+            sum.lineage,
             PrivacyUnit::Customer,
             1.0,
-            policy.noise_multiplier,
-            spec.clip_norm(),
-            delta,
-            spec.length(),
+            sum.noise_multiplier,
+            sum.clip_norm,
+            sum.delta,
+            sum.length,
             n,
             threshold,
             self.config.modulus_bits,
@@ -1489,10 +1555,10 @@ impl Coordinator {
             cohort,
             threshold,
             encoding,
-            length: spec.length(),
+            length: sum.length,
         };
         setup.check().map_err(|e| e.to_string())?;
-        Ok((spec, setup, privacy))
+        Ok((setup, privacy))
     }
 
     /// Open a fairness audit of the current version with every connected site.
@@ -1535,6 +1601,7 @@ impl Coordinator {
             secagg: Some(setup.clone()),
             privacy: Some(privacy.clone()),
             audit: Some(spec.clone()),
+            census: None,
         };
         let server = match self.secagg_server(&task, &setup) {
             Ok(server) => server,
@@ -1649,6 +1716,123 @@ impl Coordinator {
             self.phase = Phase::Idle;
         }
     }
+    /// Whether the next round is the lineage's neighbour census: a private
+    /// lineage that asks for one and has none yet.
+    fn census_due(&self) -> bool {
+        self.config
+            .privacy
+            .as_ref()
+            .is_some_and(|p| p.neighbour_noise_multiplier > 0.0)
+            && self.config.secure_aggregation
+            && self.neighbours.is_none()
+            && self.census_attempts < CENSUS_ATTEMPTS
+    }
+
+    /// Open the neighbour census with every connected site (or a drawn
+    /// cohort), charged to the lineage like a round. When it would take ε
+    /// above the target, training goes on without it.
+    fn open_census(&mut self, now: Instant) {
+        let Some(policy) = self.config.privacy.clone() else {
+            return;
+        };
+        let round = self.next_round;
+        let census = NeighbourCensus {
+            menu_len: self.model.spec.menu.len() as u32,
+        };
+        let sum = PrivateSum {
+            lineage: &policy.lineage,
+            noise_multiplier: policy.neighbour_noise_multiplier,
+            clip_norm: 1.0,
+            delta: policy.delta,
+            length: census.length(),
+        };
+        let (setup, privacy) = match self.private_sum_setup(round, &sum) {
+            Ok(parts) => parts,
+            Err(reason) => {
+                self.next_round = round.next();
+                return self.abandon_census(
+                    round,
+                    format!("cannot open the census: {reason}"),
+                    now,
+                );
+            }
+        };
+        let step = privacy.step(setup.cohort.len(), setup.threshold, setup.length);
+        let epsilon = self.spent.after(&step, 1).epsilon(policy.delta).epsilon;
+        if epsilon > policy.target_epsilon {
+            self.census_attempts = CENSUS_ATTEMPTS;
+            return self.try_open(now);
+        }
+        self.next_round = round.next();
+        let task = RoundTask {
+            round,
+            model_version: self.model.version,
+            spec_hash: self.spec_hash,
+            settings: self.round_settings(),
+            secagg: Some(setup.clone()),
+            privacy: Some(privacy.clone()),
+            audit: None,
+            census: Some(census),
+        };
+        let server = match self.secagg_server(&task, &setup) {
+            Ok(server) => server,
+            Err(reason) => return self.abandon_census(round, reason, now),
+        };
+        self.spent.compose(&step, 1);
+        self.events.push_back(CoordinatorEvent::PrivacySpent {
+            round,
+            step,
+            prior: None,
+            epsilon,
+        });
+        let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(task)));
+        for site in &setup.cohort {
+            self.send(site.clone(), task.clone());
+        }
+        self.events.push_back(CoordinatorEvent::CensusOpened {
+            round,
+            cohort: setup.cohort.clone(),
+        });
+        let cohort: BTreeSet<SiteId> = setup.cohort.iter().cloned().collect();
+        let deadline = now + self.config.secagg_phase_timeout;
+        let mut training = Training::new(round, cohort, Some(server), now, deadline);
+        training.privacy = Some((privacy, epsilon, PrivateStats::default()));
+        training.census = true;
+        self.phase = Phase::Training(training);
+        self.drive_secagg(now);
+    }
+
+    /// Release the census's unmasked sum to every site.
+    fn close_census(&mut self, round: RoundId, sum: Vec<f64>) {
+        let Some(policy) = &self.config.privacy else {
+            return;
+        };
+        let release = Arc::new(NeighbourRelease {
+            lineage: policy.lineage.clone(),
+            round,
+            pairs: sum.iter().map(|&v| v as f32).collect(),
+        });
+        self.neighbours = Some(release.clone());
+        self.events
+            .push_back(CoordinatorEvent::NeighboursReleased(release.clone()));
+        self.broadcast(CoordinatorMessage::Neighbours(release));
+    }
+
+    /// End a census without a release; it is tried again until
+    /// [`CENSUS_ATTEMPTS`], then training goes on without one.
+    fn abandon_census(&mut self, round: RoundId, reason: String, now: Instant) {
+        self.census_attempts += 1;
+        self.abandon(round, 0, reason, now);
+    }
+}
+
+/// What a round that sums per-customer vectors needs planned.
+struct PrivateSum<'a> {
+    lineage: &'a str,
+    noise_multiplier: f64,
+    clip_norm: f32,
+    delta: f64,
+    length: usize,
 }
 
 /// The cohort of `round`: the `size` connected sites whose SHA-256 of

@@ -38,6 +38,17 @@ pub enum SiteEvent {
         /// The version audited.
         model: Arc<GlobalModel>,
     },
+    /// Sum the consenting customers' item pairs for `task.census`, then call
+    /// [`SiteSession::handle_contribution`] with them.
+    CensusRequested {
+        /// The census's task.
+        task: Box<RoundTask>,
+        /// The current model (its menu).
+        model: Arc<GlobalModel>,
+    },
+    /// The franchise's neighbour census for a lineage: keep it; the
+    /// lineage's private rounds and the till rank new items with it.
+    NeighboursReceived(Arc<crate::wire::NeighbourRelease>),
     /// Serve this model (recommend with it) from now on: it was released.
     ServeModel(Arc<GlobalModel>),
     /// Secure aggregation met these peers for the first time: keep their
@@ -136,6 +147,17 @@ impl SiteSession {
             CoordinatorMessage::RoundOpen(task) => self.on_round_open(task, rng),
             CoordinatorMessage::SecAgg { round, message } => {
                 self.on_secagg(round, message, now, rng)
+            }
+            CoordinatorMessage::Neighbours(release) => {
+                let menu = self.model.as_ref().map(|m| m.spec.menu.len());
+                let fits = menu.is_some_and(|m| release.pairs.len() == m * m);
+                if !fits || release.pairs.iter().any(|v| !v.is_finite()) {
+                    return Err(SiteSessionError::Unexpected(
+                        "neighbours that do not fit the menu",
+                    ));
+                }
+                self.events
+                    .push_back(SiteEvent::NeighboursReceived(release));
             }
             CoordinatorMessage::RoundAbandoned { round, .. } => {
                 if self.secagg.as_ref().is_some_and(|c| c.round() == round) {
@@ -388,11 +410,29 @@ impl SiteSession {
                 return;
             }
         }
+        if let Some(census) = &task.census {
+            let fits = match (&task.privacy, &task.secagg) {
+                (Some(privacy), Some(setup)) => {
+                    census.menu_len as usize == model.spec.menu.len()
+                        && setup.length == census.length()
+                        && privacy.sampling_rate == 1.0
+                        && task.audit.is_none()
+                }
+                _ => false,
+            };
+            if !fits {
+                let reason = "census refused: a census must be private, securely aggregated, \
+                              over every customer and the model's menu";
+                self.decline(task.round, reason.into());
+                return;
+            }
+        }
         if let Err(reason) = task.settings.check() {
             self.decline(task.round, reason.to_string());
             return;
         }
         if task.audit.is_none()
+            && task.census.is_none()
             && let Err(reason) = check_training_shape(&task, &model)
         {
             self.decline(task.round, reason);
@@ -418,9 +458,10 @@ impl SiteSession {
             return;
         }
         self.round = Some(task.round);
-        self.events.push_back(match task.audit {
-            Some(_) => SiteEvent::AuditRequested { task, model },
-            None => SiteEvent::TrainRequested { task, model },
+        self.events.push_back(match (&task.audit, &task.census) {
+            (Some(_), _) => SiteEvent::AuditRequested { task, model },
+            (None, Some(_)) => SiteEvent::CensusRequested { task, model },
+            (None, None) => SiteEvent::TrainRequested { task, model },
         });
     }
 }

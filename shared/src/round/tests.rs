@@ -45,6 +45,8 @@ struct Harness {
     verifier: crate::secagg::PeerVerifier,
     /// A dishonest coordinator's rewrite of what it sends each site.
     tamper: Option<Box<Rewrite>>,
+    /// The neighbour census each site received.
+    neighbours: BTreeMap<SiteId, std::sync::Arc<crate::wire::NeighbourRelease>>,
 }
 
 fn site(i: usize) -> SiteId {
@@ -81,6 +83,7 @@ impl Harness {
             verifier: crate::secagg::PeerVerifier::new(ca_der).unwrap(),
             ca,
             tamper: None,
+            neighbours: BTreeMap::new(),
         };
         for i in 0..n {
             h.connect(site(i), Behaviour::Honest);
@@ -174,6 +177,25 @@ impl Harness {
                         }
                         SiteEvent::ServeModel(m) => {
                             self.serving.insert(id.clone(), m.version);
+                        }
+                        SiteEvent::NeighboursReceived(release) => {
+                            self.neighbours.insert(id.clone(), release);
+                        }
+                        SiteEvent::CensusRequested { task, .. }
+                            if *behaviour == Behaviour::Honest =>
+                        {
+                            let (census, privacy) = (
+                                task.census.as_ref().unwrap(),
+                                task.privacy.as_ref().unwrap(),
+                            );
+                            let mut contribution =
+                                crate::dp::Contribution::of_length(census.length());
+                            let m = census.menu_len as usize;
+                            for (cells, weight) in census_customers(&id, m) {
+                                let values = vec![weight; cells.len()];
+                                contribution.add_sparse(privacy, &cells, values, &mut self.rng);
+                            }
+                            session.handle_contribution(&task, contribution, &mut self.rng);
                         }
                         SiteEvent::AuditRequested { task, .. }
                             if *behaviour == Behaviour::Honest =>
@@ -272,6 +294,17 @@ fn audit_customers(
             };
             (attributes, outcome)
         })
+        .collect()
+}
+
+/// Site `i`'s customers in a census: 50 who went from item 0 to item 1
+/// and from 1 to 2 (weight 1/√2 each), and `i` who went from 2 to 3.
+fn census_customers(id: &SiteId, m: usize) -> Vec<(Vec<usize>, f32)> {
+    let i: usize = id.as_str().trim_start_matches("site-").parse().unwrap();
+    let common = (vec![1, m + 2], std::f32::consts::FRAC_1_SQRT_2);
+    let rare = (vec![2 * m + 3], 1.0);
+    std::iter::repeat_n(common, 50)
+        .chain(std::iter::repeat_n(rare, i))
         .collect()
 }
 
@@ -466,6 +499,7 @@ fn sites_decline_rounds_for_a_model_they_do_not_hold() {
         secagg: None,
         privacy: None,
         audit: None,
+        census: None,
     };
     s.handle_message(
         CoordinatorMessage::RoundOpen(Box::new(task)),
@@ -533,6 +567,7 @@ fn the_site_clips_and_noises_its_update() {
         secagg: None,
         privacy: None,
         audit: None,
+        census: None,
     };
     s.handle_message(
         CoordinatorMessage::RoundOpen(Box::new(task.clone())),
@@ -670,11 +705,156 @@ fn private_config(target_epsilon: f64) -> RoundConfig {
             target_epsilon,
             delta: 1e-6,
             prior_noise_multiplier: 10.0,
+            neighbour_noise_multiplier: 0.0,
             clip_quantile: None,
             clip_learning_rate: 0.2,
         }),
         ..RoundConfig::default()
     }
+}
+
+/// A private lineage that makes a neighbour census first.
+fn census_config(target_epsilon: f64) -> RoundConfig {
+    let mut config = private_config(target_epsilon);
+    if let Some(p) = &mut config.privacy {
+        p.neighbour_noise_multiplier = 2.0;
+    }
+    config.secure_aggregation = true;
+    config.min_sites = 4;
+    config
+}
+
+#[test]
+fn a_private_lineage_sums_the_franchise_neighbours_once_and_every_site_gets_them() {
+    let mut h = Harness::new(4, census_config(20.0));
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(1));
+    }
+    let censuses: Vec<RoundId> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::CensusOpened { round, .. } => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        censuses,
+        vec![RoundId(1)],
+        "one census, before any training"
+    );
+    let released: Vec<_> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::NeighboursReleased(r) => Some(r.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released.len(), 1);
+    let release = &released[0];
+    assert_eq!(release.pairs.len(), 16);
+    // 200 customers at 1/√2 in (0, 1) and (1, 2); 0 + 1 + 2 + 3 in (2, 3);
+    // noise of standard deviation about 2 (z = 2, sensitivity 1).
+    let near = |cell: usize, want: f32| (release.pairs[cell] - want).abs() < 12.0;
+    assert!(
+        near(1, 200.0 * std::f32::consts::FRAC_1_SQRT_2),
+        "{:?}",
+        release.pairs
+    );
+    assert_eq!(
+        h.events
+            .iter()
+            .filter(
+                |e| matches!(e, CoordinatorEvent::CensusOpened { cohort, .. } if cohort.len() == 4)
+            )
+            .count(),
+        1
+    );
+    assert!(near(4 + 2, 200.0 * std::f32::consts::FRAC_1_SQRT_2));
+    assert!(near(2 * 4 + 3, 6.0));
+    assert!(near(3 * 4, 0.0));
+    // The census was charged before training, and training went on after it.
+    let spent: Vec<RoundId> = h
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            CoordinatorEvent::PrivacySpent { round, .. } => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(spent.first(), Some(&RoundId(1)));
+    assert!(!h.completed().is_empty());
+    assert!(h.completed().iter().all(|s| s.round > RoundId(1)));
+    for i in 0..4 {
+        assert_eq!(h.neighbours.get(&site(i)), Some(release), "site {i}");
+    }
+    // A site that connects later gets the same release at once.
+    h.connect(site(4), Behaviour::Honest);
+    assert_eq!(h.neighbours.get(&site(4)), Some(release));
+}
+
+#[test]
+fn a_restarted_coordinator_keeps_its_census_and_makes_no_second_one() {
+    let mut first = Harness::new(4, census_config(20.0));
+    first.advance(Duration::from_secs(1));
+    let release = first.neighbours.get(&site(0)).cloned().unwrap();
+    let mut second = Harness::new(0, census_config(20.0));
+    second.coordinator = Coordinator::new(
+        census_config(20.0),
+        second.coordinator.model().as_ref().clone(),
+        RoundId(50),
+    )
+    .with_neighbours(Some((*release).clone()));
+    for i in 0..4 {
+        second.connect(site(i), Behaviour::Honest);
+    }
+    second.advance(Duration::from_secs(1));
+    assert!(
+        !second
+            .events
+            .iter()
+            .any(|e| matches!(e, CoordinatorEvent::CensusOpened { .. }))
+    );
+    assert!(!second.completed().is_empty());
+    assert_eq!(second.neighbours.get(&site(3)), Some(&release));
+}
+
+#[test]
+fn a_census_that_would_exceed_the_budget_is_skipped_and_training_goes_on() {
+    // The census alone at z = 2 costs more than ε 2; one training round does not.
+    let mut h = Harness::new(4, census_config(2.0));
+    h.advance(Duration::from_secs(1));
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| matches!(e, CoordinatorEvent::CensusOpened { .. }))
+    );
+    assert!(!h.completed().is_empty());
+}
+
+#[test]
+fn a_site_refuses_a_census_that_does_not_fit_the_model_or_samples_customers() {
+    let mut h = Harness::new(0, census_config(20.0));
+    h.tamper = Some(Box::new(|_, message| {
+        if let CoordinatorMessage::RoundOpen(task) = message
+            && let Some(privacy) = &mut task.privacy
+            && task.census.is_some()
+        {
+            // Counting a census at a sampling rate would undercount it.
+            privacy.sampling_rate = 0.01;
+        }
+    }));
+    for i in 0..4 {
+        h.connect(site(i), Behaviour::Honest);
+    }
+    let declined = h
+        .events
+        .iter()
+        .filter(|e| matches!(e, CoordinatorEvent::SiteDeclined { reason, .. } if reason.contains("census refused")))
+        .count();
+    assert_eq!(declined, 4);
+    assert!(h.neighbours.is_empty());
 }
 
 fn exhausted(h: &Harness) -> Vec<(f64, f64)> {
@@ -1228,6 +1408,7 @@ fn a_site_refuses_round_parameters_that_would_crash_it_or_make_it_work_without_l
         }),
         privacy: None,
         audit: None,
+        census: None,
     };
     assert_eq!(refusal(&mut h, &site(0), honest.clone()), None);
 
@@ -1336,6 +1517,7 @@ fn a_site_assuming_colluders_charges_itself_for_the_honest_survivors_noise_only(
         }),
         privacy: Some(privacy),
         audit: None,
+        census: None,
     };
     let trusting = privacy_step(&task, &crate::secagg::Floor::default()).unwrap();
     let wary = crate::secagg::Floor {

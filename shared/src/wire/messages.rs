@@ -95,6 +95,41 @@ pub enum CoordinatorMessage {
         /// Why, for logs.
         reason: String,
     },
+    /// The franchise's item neighbours, released once per private lineage
+    /// by a census round; sent when it is made and to every site that
+    /// connects after.
+    Neighbours(Arc<NeighbourRelease>),
+}
+
+/// A census round: instead of training, every site sums its consenting
+/// customers' item pairs ([`crate::model::first_order_pairs`], each
+/// customer's scaled to unit L2 norm) under secure aggregation and
+/// distributed noise, so the franchise learns which items customers go on to
+/// try without any site's pairs being seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourCensus {
+    /// Items on the menu: the sum holds `menu_len²` values.
+    pub menu_len: u32,
+}
+
+impl NeighbourCensus {
+    /// Values in the census's sum.
+    pub fn length(&self) -> usize {
+        let m = self.menu_len as usize;
+        m * m
+    }
+}
+
+/// What a census round released: the noisy franchise-wide pair sums, row
+/// `i` holding the items customers ordered for the first time after `i`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourRelease {
+    /// The lineage whose budget paid for it.
+    pub lineage: String,
+    /// The census round.
+    pub round: RoundId,
+    /// Row-major `[m, m]`.
+    pub pairs: Vec<f32>,
 }
 
 /// What a site must do in a round.
@@ -115,6 +150,9 @@ pub struct RoundTask {
     /// When set, the round does not train: it audits `model_version` for
     /// fairness, summing per-group figures instead of model updates.
     pub audit: Option<crate::fairness::AuditSpec>,
+    /// When set, the round does not train: it sums the franchise's item
+    /// neighbours for the lineage's private rounds.
+    pub census: Option<NeighbourCensus>,
 }
 
 impl RoundTask {

@@ -16,4 +16,4 @@ pub use messages::*;
 pub const ALPN: &[u8] = b"potluck/1";
 
 /// The protocol version both sides must speak, carried in the first exchange.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
