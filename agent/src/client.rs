@@ -719,15 +719,15 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
     let menu_len = data.popularity.len();
     let stored = context
         .store
-        .with(|s| {
-            let Some(release) = s.prior_release()? else {
-                return Ok(None);
-            };
-            private_prior(s, &release, menu_len)
+        .with(|s| match s.prior_release()? {
+            Some(release) if release.lineage == privacy.lineage => {
+                private_prior(s, &release, menu_len)
+            }
+            _ => Ok(None),
         })
         .map_err(|e| e.to_string())?;
-    if let Some(prior) = stored.filter(|p| p.lineage == privacy.lineage) {
-        data.set_prior(prior.prior);
+    if let Some(prior) = stored {
+        data.set_prior(prior);
         return Ok(None);
     }
     let release = PriorRelease {
@@ -741,7 +741,7 @@ fn prior_release<R: rand::CryptoRng + ?Sized>(
         .with(|s| private_prior(s, &release, menu_len))
         .map_err(|e| e.to_string())?
         .ok_or("the site prior's release does not fit the menu")?;
-    data.set_prior(prior.prior);
+    data.set_prior(prior);
     Ok(Some(release))
 }
 
@@ -871,15 +871,9 @@ pub fn site_data(store: &SiteStore, model: &GlobalModel) -> Result<SiteData, Sto
     if let Some(release) = store.prior_release()?
         && let Some(prior) = private_prior(store, &release, model.spec.menu.len())?
     {
-        data.set_prior(prior.prior);
+        data.set_prior(prior);
     }
     Ok(data)
-}
-
-/// A private lineage's prior and the lineage it belongs to.
-struct PrivatePrior {
-    lineage: String,
-    prior: SitePrior,
 }
 
 /// The prior of a private lineage: the site's own popularity `release`,
@@ -889,7 +883,7 @@ fn private_prior(
     store: &SiteStore,
     release: &PriorRelease,
     menu_len: usize,
-) -> Result<Option<PrivatePrior>, StoreError> {
+) -> Result<Option<SitePrior>, StoreError> {
     let mut values = release.counts.clone();
     let census = store
         .neighbours()?
@@ -897,12 +891,7 @@ fn private_prior(
     if let Some(census) = census {
         values.extend(census.pairs.iter().map(|&v| f64::from(v)));
     }
-    Ok(
-        SitePrior::from_release(&values, menu_len).map(|prior| PrivatePrior {
-            lineage: release.lineage.clone(),
-            prior,
-        }),
-    )
+    Ok(SitePrior::from_release(&values, menu_len))
 }
 
 /// Tasks that live as long as the agent runs: aborted when it returns.

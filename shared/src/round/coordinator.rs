@@ -1045,9 +1045,10 @@ impl Coordinator {
                 self.close_audit(t, sum, contributors.len());
             }
             Some(Outcome::Completed { sum, .. }) if t.census => {
-                let round = t.round;
-                self.phase = Phase::Idle;
-                self.close_census(round, sum);
+                let Phase::Training(t) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+                    return;
+                };
+                self.close_census(t, sum);
             }
             Some(Outcome::Completed { sum, contributors }) => {
                 t.received = contributors.len();
@@ -1607,6 +1608,30 @@ impl Coordinator {
             Ok(server) => server,
             Err(e) => return self.abandon_audit(round, run, e, true, now),
         };
+        let mut training = self.start_private_sum(task, server, step, epsilon, now);
+        self.events.push_back(CoordinatorEvent::AuditOpened {
+            round,
+            model_version: self.model.version,
+            cohort: setup.cohort,
+        });
+        self.audit_due = false;
+        training.audit = Some(AuditRun { spec, ..run });
+        self.phase = Phase::Training(training);
+        self.drive_secagg(now);
+    }
+
+    /// Charge a round that sums per-customer vectors (an audit or a census)
+    /// and send `task` to its cohort; the cost is recorded before anything is
+    /// sent. The caller marks what the returned round is for.
+    fn start_private_sum(
+        &mut self,
+        task: RoundTask,
+        server: secagg::Server,
+        step: Step,
+        epsilon: f64,
+        now: Instant,
+    ) -> Training {
+        let round = task.round;
         self.spent.compose(&step, 1);
         self.events.push_back(CoordinatorEvent::PrivacySpent {
             round,
@@ -1614,23 +1639,20 @@ impl Coordinator {
             prior: None,
             epsilon,
         });
+        let cohort: BTreeSet<SiteId> = task
+            .secagg
+            .iter()
+            .flat_map(|setup| setup.cohort.iter().cloned())
+            .collect();
+        let privacy = task.privacy.clone();
         let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(task)));
-        for site in &setup.cohort {
+        for site in &cohort {
             self.send(site.clone(), task.clone());
         }
-        self.events.push_back(CoordinatorEvent::AuditOpened {
-            round,
-            model_version: self.model.version,
-            cohort: setup.cohort.clone(),
-        });
-        let cohort: BTreeSet<SiteId> = setup.cohort.iter().cloned().collect();
-        self.audit_due = false;
         let deadline = now + self.config.secagg_phase_timeout;
         let mut training = Training::new(round, cohort, Some(server), now, deadline);
-        training.privacy = Some((privacy, epsilon, PrivateStats::default()));
-        training.audit = Some(AuditRun { spec, ..run });
-        self.phase = Phase::Training(training);
-        self.drive_secagg(now);
+        training.privacy = privacy.map(|p| (p, epsilon, PrivateStats::default()));
+        training
     }
 
     /// Turn an audit's unmasked sum into its report, and release the version if it passes.
@@ -1778,38 +1800,24 @@ impl Coordinator {
             Ok(server) => server,
             Err(reason) => return self.abandon_census(round, reason, now),
         };
-        self.spent.compose(&step, 1);
-        self.events.push_back(CoordinatorEvent::PrivacySpent {
-            round,
-            step,
-            prior: None,
-            epsilon,
-        });
-        let task = Arc::new(CoordinatorMessage::RoundOpen(Box::new(task)));
-        for site in &setup.cohort {
-            self.send(site.clone(), task.clone());
-        }
+        let mut training = self.start_private_sum(task, server, step, epsilon, now);
         self.events.push_back(CoordinatorEvent::CensusOpened {
             round,
-            cohort: setup.cohort.clone(),
+            cohort: setup.cohort,
         });
-        let cohort: BTreeSet<SiteId> = setup.cohort.iter().cloned().collect();
-        let deadline = now + self.config.secagg_phase_timeout;
-        let mut training = Training::new(round, cohort, Some(server), now, deadline);
-        training.privacy = Some((privacy, epsilon, PrivateStats::default()));
         training.census = true;
         self.phase = Phase::Training(training);
         self.drive_secagg(now);
     }
 
     /// Release the census's unmasked sum to every site.
-    fn close_census(&mut self, round: RoundId, sum: Vec<f64>) {
-        let Some(policy) = &self.config.privacy else {
+    fn close_census(&mut self, t: Training, sum: Vec<f64>) {
+        let Some((privacy, ..)) = t.privacy else {
             return;
         };
         let release = Arc::new(NeighbourRelease {
-            lineage: policy.lineage.clone(),
-            round,
+            lineage: privacy.lineage,
+            round: t.round,
             pairs: sum.iter().map(|&v| v as f32).collect(),
         });
         self.neighbours = Some(release.clone());

@@ -267,6 +267,28 @@ impl Harness {
             .collect()
     }
 
+    /// The rounds charged to the coordinator's ledger, in order.
+    fn charged_rounds(&self) -> Vec<RoundId> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                CoordinatorEvent::PrivacySpent { round, .. } => Some(*round),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The neighbour censuses opened, by round.
+    fn censuses(&self) -> Vec<RoundId> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                CoordinatorEvent::CensusOpened { round, .. } => Some(*round),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn abandoned(&self) -> usize {
         self.events
             .iter()
@@ -730,14 +752,7 @@ fn a_private_lineage_sums_the_franchise_neighbours_once_and_every_site_gets_them
     for _ in 0..3 {
         h.advance(Duration::from_secs(1));
     }
-    let censuses: Vec<RoundId> = h
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            CoordinatorEvent::CensusOpened { round, .. } => Some(*round),
-            _ => None,
-        })
-        .collect();
+    let censuses = h.censuses();
     assert_eq!(
         censuses,
         vec![RoundId(1)],
@@ -775,14 +790,7 @@ fn a_private_lineage_sums_the_franchise_neighbours_once_and_every_site_gets_them
     assert!(near(2 * 4 + 3, 6.0));
     assert!(near(3 * 4, 0.0));
     // The census was charged before training, and training went on after it.
-    let spent: Vec<RoundId> = h
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            CoordinatorEvent::PrivacySpent { round, .. } => Some(*round),
-            _ => None,
-        })
-        .collect();
+    let spent = h.charged_rounds();
     assert_eq!(spent.first(), Some(&RoundId(1)));
     assert!(!h.completed().is_empty());
     assert!(h.completed().iter().all(|s| s.round > RoundId(1)));
@@ -810,12 +818,7 @@ fn a_restarted_coordinator_keeps_its_census_and_makes_no_second_one() {
         second.connect(site(i), Behaviour::Honest);
     }
     second.advance(Duration::from_secs(1));
-    assert!(
-        !second
-            .events
-            .iter()
-            .any(|e| matches!(e, CoordinatorEvent::CensusOpened { .. }))
-    );
+    assert!(second.censuses().is_empty());
     assert!(!second.completed().is_empty());
     assert_eq!(second.neighbours.get(&site(3)), Some(&release));
 }
@@ -825,11 +828,7 @@ fn a_census_that_would_exceed_the_budget_is_skipped_and_training_goes_on() {
     // The census alone at z = 2 costs more than ε 2; one training round does not.
     let mut h = Harness::new(4, census_config(2.0));
     h.advance(Duration::from_secs(1));
-    assert!(
-        !h.events
-            .iter()
-            .any(|e| matches!(e, CoordinatorEvent::CensusOpened { .. }))
-    );
+    assert!(h.censuses().is_empty());
     assert!(!h.completed().is_empty());
 }
 
@@ -1127,14 +1126,7 @@ fn an_audit_matches_the_central_figures_and_releases_a_fair_model() {
             .all(|s| h.serving.get(s) == Some(&ModelVersion(2)))
     );
     // The audit is charged to the ledger like a round, after the training rounds.
-    let spent: Vec<RoundId> = h
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            CoordinatorEvent::PrivacySpent { round, .. } => Some(*round),
-            _ => None,
-        })
-        .collect();
+    let spent = h.charged_rounds();
     assert_eq!(
         spent,
         [RoundId(3)],
