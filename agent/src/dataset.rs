@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use potluck_shared::model::{
-    Example, OrderRecord, OwnPairs, SitePrior, first_order_pairs, topfreq_order, training_examples,
+    Example, OrderRecord, OwnPairs, SitePrior, cooccurring_pairs, topfreq_order, training_examples,
 };
 
 use potluck_shared::dp::{Contribution, RoundPrivacy};
@@ -44,7 +44,7 @@ pub struct SiteData {
     /// which is what the prior's private release is calibrated to.
     pub customer_popularity: Vec<f64>,
     /// Row-major `[m, m]`: the sum over customers of their pair indicators
-    /// ([`first_order_pairs`]) scaled to unit L2 norm, which the neighbours
+    /// ([`cooccurring_pairs`]) scaled to unit L2 norm, which the neighbours
     /// of the prior without noise are built from.
     pub customer_pairs: Vec<f64>,
     /// Each customer's part in `customer_pairs`, in `customers` order.
@@ -122,7 +122,7 @@ impl SiteData {
         for (item, count) in own {
             self.customer_popularity[item] += count / norm;
         }
-        let pairs: Vec<(u32, u32)> = first_order_pairs(orders)
+        let pairs: Vec<(u32, u32)> = cooccurring_pairs(orders)
             .into_iter()
             .filter(|&(i, j)| (i as usize) < m && (j as usize) < m)
             .collect();
@@ -266,9 +266,11 @@ mod tests {
                 assert_eq!(raw, 0, "a held-out item is in no pair");
             }
         }
-        // (0, 1), (0, 2), (1, 2) at 1/√3 from the first customer.
-        let third = 1.0 / 3f64.sqrt();
-        assert!((data.customer_pairs[1] - third).abs() < 1e-9);
-        assert!((data.customer_pairs[m + 3] - 1.0 / 2f64.sqrt()).abs() < 1e-9);
+        // Each of the first two customers has 3 items in training, so 6
+        // pairs at 1/√6 each; both have (0, 1), only the second (1, 3).
+        let each = 1.0 / 6f64.sqrt();
+        assert!((data.customer_pairs[1] - 2.0 * each).abs() < 1e-9);
+        assert!((data.customer_pairs[m + 3] - each).abs() < 1e-9);
+        assert_eq!(data.customer_pairs[2 * m + 3], 0.0, "nobody had 2 and 3");
     }
 }

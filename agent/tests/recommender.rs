@@ -252,11 +252,11 @@ fn a_customers_last_order_never_reaches_training_or_popularity() {
     for i in 0..m {
         assert_eq!(data.customer_pairs[i * m + 5], 0.0, "nor neighbour pairs");
     }
-    // Each customer tried 2 and 3 after 1: two pairs, each 1/√2 of them.
-    let after_1_then_2 = data.customer_pairs[m + 2];
+    // Each customer had items 1, 2 and 3 in training: six pairs, each 1/√6.
+    let one_with_two = data.customer_pairs[m + 2];
     assert!(
-        (after_1_then_2 - 20.0 * std::f64::consts::FRAC_1_SQRT_2).abs() < 1e-9,
-        "item 1, then item 2 for the first time: {after_1_then_2}"
+        (one_with_two - 20.0 / 6f64.sqrt()).abs() < 1e-9,
+        "items 1 and 2 by the same customers: {one_with_two}"
     );
     assert_eq!(data.popularity[1], 20);
     // The prior the model sees ranks item 5 with the never-ordered items.

@@ -190,7 +190,7 @@ impl Default for PrivacySection {
             noise_multiplier: None,
             planned_rounds: None,
             prior_noise_multiplier: 10.0,
-            neighbour_noise_multiplier: 20.0,
+            neighbour_noise_multiplier: 4.0,
             clip_quantile: Some(0.5),
             clip_learning_rate: 0.2,
         }
@@ -207,6 +207,16 @@ impl PrivacySection {
     /// over every customer, like the prior.
     pub fn census_step(&self) -> Option<Step> {
         potluck_shared::dp::distributed::prior_step(self.neighbour_noise_multiplier)
+    }
+
+    /// The lineage's one-off releases (the prior, the census), composed.
+    #[cfg(test)]
+    fn one_off_releases(&self) -> potluck_shared::dp::Accountant {
+        let mut spent = potluck_shared::dp::Accountant::default();
+        for step in self.prior_step().into_iter().chain(self.census_step()) {
+            spent.compose(&step, 1);
+        }
+        spent
     }
 
     /// The noise multiplier: as configured, or calibrated to the budget.
@@ -239,13 +249,18 @@ impl PrivacySection {
         )
         .ok_or_else(|| {
             format!(
-                "privacy: no noise multiplier fits {rounds} rounds{} into epsilon {}",
+                "privacy: no noise multiplier fits {rounds} rounds{} into epsilon {} beside \
+                 the prior release (prior_noise_multiplier {}) and the neighbour census \
+                 (neighbour_noise_multiplier {}); raise either (0 turns it off) or the target, or \
+                 plan fewer rounds",
                 if audit.is_some() {
                     " and the final fairness audit"
                 } else {
                     ""
                 },
-                self.target_epsilon
+                self.target_epsilon,
+                self.prior_noise_multiplier,
+                self.neighbour_noise_multiplier,
             )
         })?;
         // A hair above the continuous calibration, for the discrete correction.
@@ -886,11 +901,10 @@ mod tests {
         let (_d, path) = write(&base);
         let config = CoordinatorConfig::load(&path).unwrap();
         let policy = config.round_config().privacy.expect("on by default");
-        let spent = accountant::epsilon(
-            &potluck_shared::dp::Step::gaussian(0.2, policy.noise_multiplier),
-            20,
-            1e-6,
-        );
+        // Training, the prior release and the neighbour census fit the budget.
+        let mut spent = config.privacy.one_off_releases();
+        spent.compose(&Step::gaussian(0.2, policy.noise_multiplier), 20);
+        let spent = spent.epsilon(1e-6);
         assert!(spent.epsilon <= 4.0 && spent.epsilon > 3.9, "{spent:?}");
         for (from, to, field) in [
             (
@@ -947,9 +961,9 @@ mod tests {
             audit.lineage, "default",
             "audits spend the training lineage"
         );
-        // Training and the final audit together fit the budget.
+        // Training, the one-off releases and the final audit together fit the budget.
         let z = config.round_config().privacy.unwrap().noise_multiplier;
-        let mut spent = potluck_shared::dp::Accountant::default();
+        let mut spent = config.privacy.one_off_releases();
         spent.compose(&Step::gaussian(0.2, z), 20);
         spent.compose(&Step::gaussian(1.0, audit.noise_multiplier), 1);
         let epsilon = spent.epsilon(1e-6).epsilon;

@@ -131,7 +131,7 @@ fn data_table(out: &mut String, f: &Facts<'_>) {
          | consent | site store, encrypted | deciding whether orders may be used | never |\n\
          | audit-only attributes (for example age band), only if a site declares them in `agent.toml` `[data] columns` | site store, encrypted | fairness audits at the site; refused as a model feature | never: only per-group sums over all sites, masked and noised (`[audit]`) |\n\
          | model update per round | site, then masked to the coordinator | training the shared model | only masked, see 3 |\n\
-         | item pairs (which new items each customer went on to order), once per private lineage when `[privacy] neighbour_noise_multiplier` is not 0 | site, then masked to the coordinator | ranking new items in private rounds | only the sum over all sites, masked and noised, charged to the budget |\n\
+         | item pairs (which items were ordered by the same customer), once per private lineage when `[privacy] neighbour_noise_multiplier` is not 0 | site, then masked to the coordinator | ranking new items in private rounds | only the sum over all sites, masked and noised, charged to the budget |\n\
          | evaluation counts per model version | coordinator (`metrics.jsonl`) | monitoring model quality | yes: the site's number of held-out orders and hit counts, see 3 |\n\
          | site identity, connection times, message sizes, rounds joined or declined | coordinator logs | operating the federation | yes (no customer data) |\n\n\
          Every other column of a site's orders file is dropped at import, and the import \

@@ -25,7 +25,7 @@ fn privacy(target: f64) -> String {
 const PRIOR: f64 = 10.0;
 
 /// The default noise multiplier of the lineage's one neighbour census.
-const CENSUS: f64 = 20.0;
+const CENSUS: f64 = 4.0;
 
 /// ε after the census and `rounds` rounds (at least one), the prior release
 /// paid with the first.

@@ -173,21 +173,24 @@ pub const REPEAT_FEATURES: usize = 12;
 ///   for counts `c` (smoothed, so every value is negative), which ranks items
 ///   a customer never ordered as the site's popularity does;
 /// - optionally, *neighbours*: for each item `i`, a distribution over the
-///   menu of the items customers who had ordered `i` went on to order for the
-///   first time ("who had the burger later tried the shake"), the statistic
-///   item-based next-basket models (TIFU-KNN) are built on.
+///   menu of the other items customers who ordered `i` ordered ("who had the
+///   burger also had the shake"), the statistic item-based next-basket
+///   models (TIFU-KNN) are built on.
 ///
-/// Every customer's orders are in both, so a private lineage uses a
-/// differentially private release of the shares instead, and no neighbours
-/// (see the agent's `dataset` module); what is built here from a release is
-/// post-processing and costs nothing.
+/// Every customer's orders are in both, so a private lineage uses
+/// differentially private releases instead: each site's shares, and the
+/// franchise's neighbours from a census (see the agent's `dataset` module);
+/// what is built here from a release is post-processing and costs nothing.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SitePrior {
     /// Per menu item; empty when the site has none (every item then ties).
     pub log_share: Vec<f32>,
-    /// Row-major `[m, m]`: row `i` is the distribution of new items after
-    /// `i`; empty when the site has none (the neighbour input is then 0).
+    /// Row-major `[m, m]`: row `i` is the distribution of the items ordered
+    /// with `i`; empty when the site has none (the neighbour input is then 0).
     pub neighbours: Vec<f32>,
+    /// Per item, the log of its share of all pair values (the rows' common
+    /// marginal): the neighbour input is a lift over it.
+    log_marginal: Vec<f32>,
     /// The released pair values the rows were built from, and each row's
     /// normaliser: what leaving one customer out needs.
     pairs: Vec<f32>,
@@ -195,14 +198,14 @@ pub struct SitePrior {
 }
 
 /// One customer's part in the neighbour statistic: the pairs they added to
-/// ([`first_order_pairs`]) and by how much each. A training example carries
+/// ([`cooccurring_pairs`]) and by how much each. A training example carries
 /// it so that its neighbour input leaves that customer out: otherwise the
-/// items a customer went on to try would be in the input that is trained to
+/// items a customer orders later would be in the input that is trained to
 /// predict them, and the model would learn to trust the statistic more than
 /// it deserves on customers it has not seen.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct OwnPairs {
-    /// Sorted (earlier item, new item) pairs.
+    /// Sorted (item, other item) pairs.
     pub pairs: Vec<(u32, u32)>,
     /// What the customer added to each pair's value.
     pub weight: f32,
@@ -218,15 +221,16 @@ impl SitePrior {
     }
 
     /// The prior of a release laid out as [`prior_release_len`] says: `m`
-    /// item counts, then (optionally) `m²` pair values, row `i` summing, over
-    /// customers, how much each one ordered item `j` for the first time after
-    /// `i` ([`first_order_pairs`], each customer's pairs scaled to unit L2
-    /// norm). `None` when the length is neither `m` nor `m + m²`.
+    /// item counts, then (optionally) `m²` pair values, cell `(i, j)` summing
+    /// over the customers who ordered both `i` and `j` ([`cooccurring_pairs`],
+    /// each one's pairs scaled to unit L2 norm). `None` when the length is
+    /// neither `m` nor `m + m²`.
     ///
-    /// Pair values may be noisy, so each row is shrunk towards the site's
-    /// shares by as much mass as the row's noise is estimated to hold: for a
-    /// cell with no signal, noise is as likely negative as positive, so the
-    /// mass below zero estimates the mass of noise above it.
+    /// Pair values may be noisy, so each row is shrunk towards the marginal
+    /// (all rows' pairs together) by as much mass as the row's noise is
+    /// estimated to hold: for a cell with no signal, noise is as likely
+    /// negative as positive, so the mass below zero estimates the mass of
+    /// noise above it.
     pub fn from_release(values: &[f64], m: usize) -> Option<Self> {
         let (counts, pairs) = match values.len() {
             n if n == m => (values, &[][..]),
@@ -235,11 +239,8 @@ impl SitePrior {
         };
         let mut prior = Self::from_counts(counts);
         if !pairs.is_empty() {
-            let share: Vec<f64> = prior
-                .log_share
-                .iter()
-                .map(|l| f64::from(*l).exp())
-                .collect();
+            let share = marginal(pairs, m);
+            prior.log_marginal = share.iter().map(|s| s.ln() as f32).collect();
             for row in pairs.chunks(m) {
                 let (values, total) = neighbour_row(row, &share);
                 prior.neighbours.extend(values);
@@ -251,10 +252,16 @@ impl SitePrior {
     }
 
     /// The neighbour input of a pooled history (weights summing to 1): item
-    /// `j`'s log probability under the mixture of its history items' rows,
-    /// written into `out` (length `m`); zeros when the prior has no
-    /// neighbours. With `own`, the rows are those the statistic would have
-    /// without that customer.
+    /// `j`'s log lift: its probability under the mixture of its history
+    /// items' rows over its marginal probability (0 when the history says
+    /// nothing about `j`), written into `out` (length `m`); zeros when the
+    /// prior has no neighbours. With `own`, the rows are those the statistic
+    /// would have without that customer.
+    ///
+    /// A lift and not a probability: the probability is mostly popularity,
+    /// which the prior's shares already carry, while the lift is what the
+    /// customer's own items add (site shares plus the lift rank new items
+    /// better than either alone, `docs/research.md`).
     pub fn neighbour_scores(
         &self,
         history: &[(u32, f32)],
@@ -287,8 +294,8 @@ impl SitePrior {
                 *o = (*o - w * lowered(j) / left).max(0.0);
             }
         }
-        for o in out.iter_mut() {
-            *o = o.max(f32::MIN_POSITIVE).ln();
+        for (o, base) in out.iter_mut().zip(&self.log_marginal) {
+            *o = o.max(f32::MIN_POSITIVE).ln() - base;
         }
     }
 }
@@ -304,6 +311,21 @@ fn log_shares(counts: &[f64]) -> Vec<f32> {
     counts
         .iter()
         .map(|c| ((c.max(0.0) + 1.0) / (total + m)).ln() as f32)
+        .collect()
+}
+
+/// Each item's smoothed share of the positive pair values, by column.
+fn marginal(pairs: &[f64], m: usize) -> Vec<f64> {
+    let mut column = vec![0.0; m];
+    for row in pairs.chunks(m) {
+        for (c, v) in column.iter_mut().zip(row) {
+            *c += v.max(0.0);
+        }
+    }
+    let total: f64 = column.iter().sum();
+    column
+        .iter()
+        .map(|c| (c + 1.0) / (total + m as f64))
         .collect()
 }
 
@@ -330,21 +352,19 @@ impl OwnPairs {
     }
 }
 
-/// The (earlier item, new item) pairs of one customer's orders (oldest
-/// first), each once: `j` ordered for the first time in an order after one
-/// that held `i`. What the neighbour statistic counts per customer.
-pub fn first_order_pairs(orders: &[OrderRecord]) -> std::collections::BTreeSet<(u32, u32)> {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut pairs = std::collections::BTreeSet::new();
-    for order in orders {
-        for &j in &order.items {
-            if !seen.contains(&j) {
-                pairs.extend(seen.iter().map(|&i| (i, j)));
-            }
-        }
-        seen.extend(order.items.iter().copied());
-    }
-    pairs
+/// The (item, other item) pairs of one customer's orders, each once: every
+/// ordered pair of distinct items both in the history. What the neighbour
+/// statistic counts per customer: customers who ordered `i` and `j` are
+/// evidence that a customer with `i` would like `j`.
+pub fn cooccurring_pairs(orders: &[OrderRecord]) -> std::collections::BTreeSet<(u32, u32)> {
+    let items: std::collections::BTreeSet<u32> = orders
+        .iter()
+        .flat_map(|o| o.items.iter().copied())
+        .collect();
+    items
+        .iter()
+        .flat_map(|&i| items.iter().filter(move |&&j| j != i).map(move |&j| (i, j)))
+        .collect()
 }
 
 /// A training or evaluation example: a history, a context and the items ordered next.
@@ -644,16 +664,15 @@ mod tests {
     }
 
     #[test]
-    fn first_order_pairs_count_only_first_tries_after_earlier_items() {
-        let orders = [order(1, &[0, 1]), order(2, &[1, 2]), order(3, &[2, 3, 0])];
-        let pairs: Vec<_> = first_order_pairs(&orders).into_iter().collect();
-        // 2 is new in order 2 (after 0 and 1); 3 is new in order 3 (after 0, 1, 2);
-        // repeats (1 in order 2; 2 and 0 in order 3) add nothing.
-        assert_eq!(pairs, vec![(0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]);
+    fn cooccurring_pairs_are_every_pair_of_distinct_items_once() {
+        let orders = [order(1, &[0, 1]), order(2, &[1, 2]), order(3, &[2, 0])];
+        let pairs: Vec<_> = cooccurring_pairs(&orders).into_iter().collect();
+        // Items 0, 1, 2, wherever and however often they were ordered.
+        assert_eq!(pairs, vec![(0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1)]);
     }
 
-    /// A menu of 3 where item 0 is popular and customers who had item 1 went
-    /// on to try item 2.
+    /// A menu of 3 where item 0 is popular and customers who had item 1 also
+    /// had item 2.
     fn tried_2_after_1() -> Vec<f64> {
         let mut release = vec![10.0, 2.0, 1.0];
         release.extend([0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]);
@@ -661,20 +680,17 @@ mod tests {
     }
 
     #[test]
-    fn neighbours_rank_what_customers_went_on_to_try() {
-        // Menu of 3: item 0 popular; customers who had item 1 went on to try item 2.
+    fn neighbours_rank_what_customers_with_the_same_items_had() {
+        // Menu of 3: item 0 popular; customers who had item 1 also had item 2.
         let (m, release) = (3, tried_2_after_1());
         let prior = SitePrior::from_release(&release, m).unwrap();
         let mut after_1 = [0.0; 3];
         prior.neighbour_scores(&[(1, 1.0)], None, &mut after_1);
-        assert!(after_1[2] > after_1[0], "{after_1:?}");
-        // An item with no pairs backs off to the site's shares.
-        let mut after_0 = [0.0; 3];
+        assert!(after_1[2] > 0.0 && after_1[0] < 0.0, "{after_1:?}");
+        // An item with no pairs says nothing: no lift either way.
+        let mut after_0 = [1.0; 3];
         prior.neighbour_scores(&[(0, 1.0)], None, &mut after_0);
-        assert!(
-            after_0[0] > after_0[1] && after_0[1] > after_0[2],
-            "{after_0:?}"
-        );
+        assert!(after_0.iter().all(|l| l.abs() < 1e-5), "{after_0:?}");
         // A release without pairs, or of the wrong length.
         let plain = SitePrior::from_release(&release[..m], m).unwrap();
         assert!(plain.neighbours.is_empty());
@@ -698,25 +714,23 @@ mod tests {
         let mut without = [0.0; 3];
         prior.neighbour_scores(&[(1, 1.0)], Some(&own), &mut without);
         assert!(with[2] > with[0], "{with:?}");
-        // Left out, row 1 is the site's shares again.
-        for (j, share) in prior.log_share.iter().enumerate() {
-            assert!((without[j] - share).abs() < 1e-5, "{without:?}");
-        }
+        // Left out, row 1 says nothing: no lift either way.
+        assert!(without.iter().all(|l| l.abs() < 1e-5), "{without:?}");
     }
 
     #[test]
-    fn noise_in_a_neighbour_row_is_shrunk_towards_the_shares() {
+    fn noise_in_a_neighbour_row_is_shrunk_towards_the_marginal() {
         // Row 1 holds only noise (as much below zero as above): its
-        // distribution stays near the site's shares, not at the noise.
+        // distribution stays near the marginal, not at the noise.
         let m = 3;
         let mut release = vec![10.0, 2.0, 1.0];
-        release.extend([0.0, 0.0, 0.0, -3.0, 0.0, 3.0, 0.0, 0.0, 0.0]);
+        release.extend([0.0, 4.0, 4.0, -3.0, 0.0, 3.0, 4.0, 4.0, 0.0]);
         let prior = SitePrior::from_release(&release, m).unwrap();
         let row = &prior.neighbours[m..2 * m];
-        let share = |i: usize| f64::from(prior.log_share[i]).exp() as f32;
+        let share = |i: usize| prior.log_marginal[i].exp();
         assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         // Normalised as it came, the row would put all its mass on item 2.
-        assert!(row[2] < 0.6, "{row:?}");
+        assert!(row[2] < 0.7, "{row:?}");
         assert!(row[0] > share(0) / 2.0, "{row:?}");
     }
 }

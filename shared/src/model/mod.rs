@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 pub use features::{
     Context, DAYPARTS, Daypart, Example, OrderRecord, OwnPairs, REPEAT_FEATURES, RepeatFeature,
-    SitePrior, first_order_pairs, history_weights, prior_release_len, repeat_features,
+    SitePrior, cooccurring_pairs, history_weights, prior_release_len, repeat_features,
     topfreq_order, training_examples,
 };
 pub use menu::{Menu, MenuError, MenuItem};

@@ -15,9 +15,9 @@
 //!   channel that can say "ordered this 6 times out of 7".
 //! - **explore**: for items the customer has not ordered, `π_i` is the site's
 //!   prior (its log share of the site's orders, [`super::SitePrior`]) with a
-//!   global weight `a`; `ν_i` the log probability of `i` under the site's
-//!   neighbour rows mixed by `p` (what customers with this history went on
-//!   to try, [`super::SitePrior::neighbour_scores`]) with a global weight
+//!   global weight `a`; `ν_i` the log lift of `i` under the site's
+//!   neighbour rows mixed by `p` (how much likelier customers with these
+//!   items had `i`, [`super::SitePrior::neighbour_scores`]) with a global weight
 //!   `c`; `b_i` a global bias; `W` an item-to-item co-occurrence matrix (what customers who
 //!   ordered `j` order next); `D` a daypart-by-item bias (breakfast items in
 //!   the morning); and `q · E_i` a low-rank, context-aware term: the customer

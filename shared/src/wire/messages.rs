@@ -102,10 +102,10 @@ pub enum CoordinatorMessage {
 }
 
 /// A census round: instead of training, every site sums its consenting
-/// customers' item pairs ([`crate::model::first_order_pairs`], each
+/// customers' item pairs ([`crate::model::cooccurring_pairs`], each
 /// customer's scaled to unit L2 norm) under secure aggregation and
-/// distributed noise, so the franchise learns which items customers go on to
-/// try without any site's pairs being seen.
+/// distributed noise, so the franchise learns which items go together in
+/// customers' histories without any site's pairs being seen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NeighbourCensus {
     /// Items on the menu: the sum holds `menu_len²` values.
@@ -121,7 +121,7 @@ impl NeighbourCensus {
 }
 
 /// What a census round released: the noisy franchise-wide pair sums, row
-/// `i` holding the items customers ordered for the first time after `i`.
+/// `i` holding the other items of customers who ordered `i`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NeighbourRelease {
     /// The lineage whose budget paid for it.
