@@ -209,14 +209,9 @@ impl PrivacySection {
         potluck_shared::dp::distributed::prior_step(self.neighbour_noise_multiplier)
     }
 
-    /// The lineage's one-off releases (the prior, the census), composed.
-    #[cfg(test)]
-    fn one_off_releases(&self) -> potluck_shared::dp::Accountant {
-        let mut spent = potluck_shared::dp::Accountant::default();
-        for step in self.prior_step().into_iter().chain(self.census_step()) {
-            spent.compose(&step, 1);
-        }
-        spent
+    /// The lineage's one-off releases, each charged once: the prior, the census.
+    pub fn one_off_steps(&self) -> impl Iterator<Item = Step> {
+        self.prior_step().into_iter().chain(self.census_step())
     }
 
     /// The noise multiplier: as configured, or calibrated to the budget.
@@ -237,8 +232,7 @@ impl PrivacySection {
         let reserve: Vec<(Step, u64)> = audit
             .map(|a| (Step::gaussian(1.0, a.noise_multiplier), a.audits(rounds)))
             .into_iter()
-            .chain(self.prior_step().map(|step| (step, 1)))
-            .chain(self.census_step().map(|step| (step, 1)))
+            .chain(self.one_off_steps().map(|step| (step, 1)))
             .collect();
         let z = accountant::calibrate_with_reserve(
             self.target_epsilon,
@@ -902,7 +896,11 @@ mod tests {
         let config = CoordinatorConfig::load(&path).unwrap();
         let policy = config.round_config().privacy.expect("on by default");
         // Training, the prior release and the neighbour census fit the budget.
-        let mut spent = config.privacy.one_off_releases();
+        let mut spent = potluck_shared::dp::Accountant::default();
+        config
+            .privacy
+            .one_off_steps()
+            .for_each(|s| spent.compose(&s, 1));
         spent.compose(&Step::gaussian(0.2, policy.noise_multiplier), 20);
         let spent = spent.epsilon(1e-6);
         assert!(spent.epsilon <= 4.0 && spent.epsilon > 3.9, "{spent:?}");
@@ -963,7 +961,11 @@ mod tests {
         );
         // Training, the one-off releases and the final audit together fit the budget.
         let z = config.round_config().privacy.unwrap().noise_multiplier;
-        let mut spent = config.privacy.one_off_releases();
+        let mut spent = potluck_shared::dp::Accountant::default();
+        config
+            .privacy
+            .one_off_steps()
+            .for_each(|s| spent.compose(&s, 1));
         spent.compose(&Step::gaussian(0.2, z), 20);
         spent.compose(&Step::gaussian(1.0, audit.noise_multiplier), 1);
         let epsilon = spent.epsilon(1e-6).epsilon;

@@ -1,269 +1,228 @@
-//! How well do franchise-wide item statistics rank new items? A probe of the
-//! explore channel's inputs, without any model: on the synthetic franchise
-//! (20 sites × 1,000 customers, seed 7, consenting customers, last order
-//! held out as in the agent's `SiteData::prepare`), GP-TopFreq fills its free
+//! How well do franchise-wide item-pair statistics rank new items? A probe of
+//! the explore channel's input, without any model: on the synthetic franchise
+//! (20 sites × 1,000 customers, seed 7, consenting customers, last order held
+//! out as in the agent's `SiteData::prepare`), GP-TopFreq fills its free
 //! slots by each rule, and the probe prints HR@10 overall and on the orders
-//! that hold only new items. The pair statistics are summed over the whole
-//! franchise with each customer's pairs at unit L2 norm, as the neighbour
-//! census sums them, with Gaussian noise of the given deviation per cell:
+//! that hold only new items.
+//!
+//! Each statistic is summed over the whole franchise with each customer's
+//! pairs at unit L2 norm, as the neighbour census sums them, with Gaussian
+//! noise of the given deviation per cell, and read through the model's own
+//! [`SitePrior`]: a rule is the site's log shares plus `a` times the lift.
 //!
 //! ```sh
 //! cargo run --release -p potluck-sim --example explore_probe -- 4
 //! ```
 //!
-//! Rules: `site pop` (the site's shares, GP-TopFreq itself); `cooc`,
-//! `first-order`, `next-order` (the log probability under the history's
-//! mixture of rows of: items ordered by the same customer, items first tried
-//! after, items in the next order); `+` adds the site's log shares; `lift`
-//! is the log probability over the franchise's popularity, `liftcol` over the
-//! rows' own marginal (what `SitePrior` uses), times a weight.
-use std::collections::BTreeMap;
+//! Statistics: `cooccurring` (items ordered by the same customer, what the
+//! census counts), `first tried` (`j` first ordered after an order with `i`,
+//! what it counted before), `next order` (`j` in the order after one with `i`).
+use std::collections::{BTreeMap, BTreeSet};
 
-use potluck_shared::model::{OrderRecord, topfreq_order};
+use potluck_shared::model::{OrderRecord, SitePrior, cooccurring_pairs, topfreq_order};
 use potluck_shared::synth::{self, SynthConfig};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
-struct Cust {
+const DECAY: f32 = 0.8;
+const K: usize = 10;
+
+/// One held-out case: the customer's site, training orders and last order.
+struct Case {
     site: usize,
     before: Vec<OrderRecord>,
     last: OrderRecord,
 }
 
-/// One customer's orders, by order id: (time, UTC offset, distinct items).
-type Orders = BTreeMap<String, (i64, i32, Vec<u32>)>;
+/// One customer's orders by order id: time, UTC offset, items.
+type Orders<'a> = BTreeMap<&'a str, (i64, i32, BTreeSet<u32>)>;
+
+/// A per-customer pair statistic.
+type Pairs = fn(&[OrderRecord]) -> BTreeSet<(u32, u32)>;
 
 fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let z: f64 = args.get(1).map_or(Ok(0.0), |s| s.parse())?;
-    let cfg = SynthConfig {
+    let z: f64 = std::env::args().nth(1).map_or(Ok(0.0), |s| s.parse())?;
+    let config = SynthConfig {
         seed: 7,
         sites: 20,
         customers_per_site: 1000,
         ..SynthConfig::default()
     };
-    let fr = synth::generate(&cfg);
-    let index = fr.menu.index();
-    let m = fr.menu.len();
-    let mut custs = Vec::new();
-    for (s, site) in fr.sites.iter().enumerate() {
-        let mut by: BTreeMap<String, Orders> = BTreeMap::new();
-        for r in site.rows.iter().filter(|r| r.consent) {
-            let t = time::OffsetDateTime::parse(
-                &r.timestamp,
-                &time::format_description::well_known::Rfc3339,
-            )?;
-            let e = by
-                .entry(r.customer_id.clone())
-                .or_default()
-                .entry(r.order_id.clone())
-                .or_insert((t.unix_timestamp(), t.offset().whole_seconds(), vec![]));
-            let i = index[r.item_id.as_str()];
-            if !e.2.contains(&i) {
-                e.2.push(i);
-            }
-        }
-        for (_, orders) in by {
-            let mut os: Vec<OrderRecord> = orders
-                .into_values()
-                .map(|(t, off, mut items)| {
-                    items.sort();
-                    OrderRecord::new(t, off, items)
-                })
-                .collect();
-            os.sort_by_key(|o| o.time);
-            let Some(last) = os.pop().filter(|_| !os.is_empty()) else {
-                continue;
-            };
-            custs.push(Cust {
-                site: s,
-                before: os,
-                last,
-            });
-        }
-    }
-    let sites = cfg.sites;
-    // Statistics.
-    let mut site_pop = vec![vec![0.0f64; m]; sites];
-    let mut fr_pop = vec![0.0f64; m];
-    let mut first = vec![0.0f64; m * m];
-    let mut cooc = vec![0.0f64; m * m];
-    let mut next = vec![0.0f64; m * m];
-    for c in &custs {
-        let mut own: BTreeMap<u32, f64> = BTreeMap::new();
-        for o in &c.before {
-            for &i in &o.items {
-                site_pop[c.site][i as usize] += 1.0;
-                *own.entry(i).or_default() += 1.0;
-            }
-        }
-        let n = own.values().map(|v| v * v).sum::<f64>().sqrt();
-        for (&i, v) in &own {
-            fr_pop[i as usize] += v / n;
-        }
-        let fp = first_order_pairs(&c.before);
-        let w = 1.0 / (fp.len().max(1) as f64).sqrt();
-        for (i, j) in fp {
-            first[i as usize * m + j as usize] += w;
-        }
-        let items: Vec<u32> = own.keys().copied().collect();
-        let np = (items.len() * items.len().saturating_sub(1)).max(1) as f64;
-        for &i in &items {
-            for &j in &items {
-                if i != j {
-                    cooc[i as usize * m + j as usize] += 1.0 / np.sqrt();
-                }
-            }
-        }
-        let mut pairs = std::collections::BTreeSet::new();
-        for w in c.before.windows(2) {
-            for &i in &w[0].items {
-                for &j in &w[1].items {
-                    if i != j {
-                        pairs.insert((i, j));
-                    }
-                }
-            }
-        }
-        let wn = 1.0 / (pairs.len().max(1) as f64).sqrt();
-        for (i, j) in pairs {
-            next[i as usize * m + j as usize] += wn;
-        }
-    }
+    let franchise = synth::generate(&config);
+    let m = franchise.menu.len();
+    let cases = held_out_cases(&franchise)?;
+    let counts = site_counts(&cases, config.sites, m);
+    let statistics: [(&str, Pairs); 3] = [
+        ("cooccurring", cooccurring_pairs),
+        ("first tried", first_tried_pairs),
+        ("next order", next_order_pairs),
+    ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    if z > 0.0 {
-        let nd = Normal::new(0.0, z)?;
-        for v in first
-            .iter_mut()
-            .chain(cooc.iter_mut())
-            .chain(next.iter_mut())
-        {
-            *v += nd.sample(&mut rng);
+    let mut rules: Vec<(String, Vec<Option<SitePrior>>, f32)> =
+        vec![("site shares".into(), priors(&counts, None), 0.0)];
+    for (name, pairs) in statistics {
+        let sum = noisy_sum(&cases, pairs, m, z, &mut rng)?;
+        let priors = priors(&counts, Some(&sum));
+        for weight in [1.0, 2.0] {
+            rules.push((format!("{name} lift × {weight}"), priors.clone(), weight));
         }
     }
-    let colsum = |mat: &[f64]| -> Vec<f64> {
-        let mut c = vec![0.0; m];
-        for i in 0..m {
-            for j in 0..m {
-                c[j] += mat[i * m + j].max(0.0);
-            }
-        }
-        let t: f64 = c.iter().sum();
-        c.iter().map(|v| (v + 1.0) / (t + m as f64)).collect()
-    };
-    let rows = |mat: &[f64]| -> Vec<f64> {
-        let share = colsum(mat);
-        let mut out = vec![0.0; m * m];
-        for i in 0..m {
-            let row = &mat[i * m..(i + 1) * m];
-            let pos: f64 = row.iter().map(|c| c.max(0.0)).sum();
-            let noise: f64 = row.iter().map(|c| (-c).max(0.0)).sum();
-            let shrink = 1.0 + noise;
-            for j in 0..m {
-                out[i * m + j] = (row[j].max(0.0) + shrink * share[j]) / (pos + shrink);
-            }
-        }
-        out
-    };
-    let fr_share: Vec<f64> = {
-        let t: f64 = fr_pop.iter().sum();
-        fr_pop.iter().map(|v| (v + 1.0) / (t + m as f64)).collect()
-    };
-    let cm = colsum(&cooc);
-    let fr_rows = rows(&first);
-    let co_rows = rows(&cooc);
-    let nx_rows = rows(&next);
-    let decay = 0.8f32;
-    let mut hits: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    let mut total = 0.0;
-    let mut new_only = 0.0;
-    for c in &custs {
-        let own = topfreq_order(&c.before);
-        let hist = potluck_shared::model::history_weights(&c.before, decay);
-        let sp: Vec<f64> = {
-            let t: f64 = site_pop[c.site].iter().sum();
-            site_pop[c.site]
-                .iter()
-                .map(|v| ((v + 1.0) / (t + m as f64)).ln())
-                .collect()
-        };
-        let mix = |rows: &[f64]| -> Vec<f64> {
-            let mut out = vec![0.0; m];
-            for &(i, w) in &hist {
-                for j in 0..m {
-                    out[j] += f64::from(w) * rows[i as usize * m + j];
-                }
-            }
-            out.iter().map(|v| v.max(1e-12).ln()).collect()
-        };
-        let nf = mix(&fr_rows);
-        let nc = mix(&co_rows);
-        let nn = mix(&nx_rows);
-        let target: Vec<u32> = c.last.items.clone();
-        let is_new_only = target.iter().all(|t| !own.contains(t));
-        total += 1.0;
-        if is_new_only {
-            new_only += 1.0;
-        }
-        let mut score = |name: &str, s: &dyn Fn(usize) -> f64| {
-            let mut cands: Vec<usize> = (0..m).filter(|j| !own.contains(&(*j as u32))).collect();
-            cands.sort_by(|a, b| s(*b).total_cmp(&s(*a)));
-            let mut top: Vec<u32> = own.iter().copied().take(10).collect();
-            for j in cands {
-                if top.len() >= 10 {
-                    break;
-                }
-                top.push(j as u32);
-            }
-            let hit = target.iter().any(|t| top.contains(t));
-            let e = hits.entry(name.to_string()).or_default();
-            e.0 += f64::from(u8::from(hit));
-            if is_new_only {
-                e.1 += f64::from(u8::from(hit));
-            }
-        };
-        score("site pop", &|j| sp[j]);
-        score("first-order", &|j| nf[j]);
-        score("cooc", &|j| nc[j]);
-        score("next-order", &|j| nn[j]);
-        score("site pop + first", &|j| sp[j] + nf[j]);
-        score("site pop + cooc", &|j| sp[j] + nc[j]);
-        score("site pop + next", &|j| sp[j] + nn[j]);
-        for a in [0.5f64, 1.0, 1.5, 2.0, 3.0] {
-            score(&format!("lift cooc x{a}"), &|j| {
-                a * (nc[j] - fr_share[j].ln()) + sp[j]
-            });
-            score(&format!("lift first x{a}"), &|j| {
-                a * (nf[j] - fr_share[j].ln()) + sp[j]
-            });
-            score(&format!("liftcol cooc x{a}"), &|j| {
-                a * (nc[j] - cm[j].ln()) + sp[j]
-            });
-        }
-    }
-    println!("z {z}: {total} cases, {new_only} new-only");
-    for (k, (h, n)) in hits {
+    let new_only = cases.iter().filter(|c| is_new_only(c)).count();
+    println!(
+        "noise {z} per cell: {} held-out orders, {new_only} with only new items",
+        cases.len()
+    );
+    for (name, priors, weight) in &rules {
+        let (hits, new_hits) = score(&cases, priors, *weight, m);
         println!(
-            "{k:20} HR {:.4}  new-only HR {:.4}",
-            h / total,
-            n / new_only
+            "{name:24} HR@10 {:.4}  new-only HR@10 {:.4}",
+            hits as f64 / cases.len() as f64,
+            new_hits as f64 / new_only as f64
         );
     }
     Ok(())
 }
 
-/// The pairs the census counted before it counted co-occurrence: `j`
-/// ordered for the first time in an order after one that held `i`.
-fn first_order_pairs(orders: &[OrderRecord]) -> std::collections::BTreeSet<(u32, u32)> {
-    let mut seen = std::collections::BTreeSet::new();
-    let mut pairs = std::collections::BTreeSet::new();
-    for order in orders {
-        for &j in &order.items {
-            if !seen.contains(&j) {
-                pairs.extend(seen.iter().map(|&i| (i, j)));
+/// Every consenting customer with two orders or more, last order held out.
+fn held_out_cases(franchise: &synth::Franchise) -> anyhow::Result<Vec<Case>> {
+    let index = franchise.menu.index();
+    let mut cases = Vec::new();
+    for (site, data) in franchise.sites.iter().enumerate() {
+        let mut orders: BTreeMap<&str, Orders> = BTreeMap::new();
+        for row in data.rows.iter().filter(|r| r.consent) {
+            let at = time::OffsetDateTime::parse(
+                &row.timestamp,
+                &time::format_description::well_known::Rfc3339,
+            )?;
+            orders
+                .entry(&row.customer_id)
+                .or_default()
+                .entry(&row.order_id)
+                .or_insert((
+                    at.unix_timestamp(),
+                    at.offset().whole_seconds(),
+                    BTreeSet::new(),
+                ))
+                .2
+                .insert(index[row.item_id.as_str()]);
+        }
+        for customer in orders.into_values() {
+            let mut before: Vec<OrderRecord> = customer
+                .into_values()
+                .map(|(time, offset, items)| {
+                    OrderRecord::new(time, offset, items.into_iter().collect())
+                })
+                .collect();
+            before.sort_by_key(|o| o.time);
+            if let Some(last) = before.pop().filter(|_| !before.is_empty()) {
+                cases.push(Case { site, before, last });
             }
+        }
+    }
+    Ok(cases)
+}
+
+/// Each site's item counts over training orders.
+fn site_counts(cases: &[Case], sites: usize, m: usize) -> Vec<Vec<f64>> {
+    let mut counts = vec![vec![0.0; m]; sites];
+    for case in cases {
+        for &item in case.before.iter().flat_map(|o| &o.items) {
+            counts[case.site][item as usize] += 1.0;
+        }
+    }
+    counts
+}
+
+/// The franchise-wide sum of every customer's pairs at unit L2 norm, noised.
+fn noisy_sum(
+    cases: &[Case],
+    pairs: Pairs,
+    m: usize,
+    z: f64,
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<Vec<f64>> {
+    let mut sum = vec![0.0; m * m];
+    for case in cases {
+        let own = pairs(&case.before);
+        let each = 1.0 / (own.len().max(1) as f64).sqrt();
+        for (i, j) in own {
+            sum[i as usize * m + j as usize] += each;
+        }
+    }
+    if z > 0.0 {
+        let noise = Normal::new(0.0, z)?;
+        sum.iter_mut().for_each(|v| *v += noise.sample(rng));
+    }
+    Ok(sum)
+}
+
+/// Each site's prior: its counts, with the franchise's pairs when given.
+fn priors(counts: &[Vec<f64>], pairs: Option<&[f64]>) -> Vec<Option<SitePrior>> {
+    counts
+        .iter()
+        .map(|c| {
+            let release: Vec<f64> = c
+                .iter()
+                .chain(pairs.into_iter().flatten())
+                .copied()
+                .collect();
+            SitePrior::from_release(&release, c.len())
+        })
+        .collect()
+}
+
+fn is_new_only(case: &Case) -> bool {
+    let had: BTreeSet<u32> = case.before.iter().flat_map(|o| o.items.clone()).collect();
+    case.last.items.iter().all(|i| !had.contains(i))
+}
+
+/// Hits of GP-TopFreq with its free slots filled by shares + weight × lift.
+fn score(cases: &[Case], priors: &[Option<SitePrior>], weight: f32, m: usize) -> (usize, usize) {
+    let (mut hits, mut new_hits) = (0, 0);
+    let mut lift = vec![0.0; m];
+    for case in cases {
+        let Some(prior) = &priors[case.site] else {
+            continue;
+        };
+        let history = potluck_shared::model::history_weights(&case.before, DECAY);
+        prior.neighbour_scores(&history, None, &mut lift);
+        let fill = |j: usize| prior.log_share[j] + weight * lift[j];
+        let mut top = topfreq_order(&case.before);
+        top.truncate(K);
+        let mut new: Vec<usize> = (0..m).filter(|&j| !top.contains(&(j as u32))).collect();
+        new.sort_by(|&a, &b| fill(b).total_cmp(&fill(a)));
+        top.extend(new.into_iter().take(K - top.len()).map(|j| j as u32));
+        let hit = case.last.items.iter().any(|i| top.contains(i));
+        hits += usize::from(hit);
+        new_hits += usize::from(hit && is_new_only(case));
+    }
+    (hits, new_hits)
+}
+
+/// `j` ordered for the first time in an order after one that held `i`.
+fn first_tried_pairs(orders: &[OrderRecord]) -> BTreeSet<(u32, u32)> {
+    let mut seen = BTreeSet::new();
+    let mut pairs = BTreeSet::new();
+    for order in orders {
+        for &j in order.items.iter().filter(|j| !seen.contains(*j)) {
+            pairs.extend(seen.iter().map(|&i| (i, j)));
         }
         seen.extend(order.items.iter().copied());
     }
     pairs
+}
+
+/// `j` in the order right after one that held `i` (`i ≠ j`).
+fn next_order_pairs(orders: &[OrderRecord]) -> BTreeSet<(u32, u32)> {
+    orders
+        .windows(2)
+        .flat_map(|w| {
+            w[0].items.iter().flat_map(|&i| {
+                w[1].items
+                    .iter()
+                    .filter(move |&&j| j != i)
+                    .map(move |&j| (i, j))
+            })
+        })
+        .collect()
 }

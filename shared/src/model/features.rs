@@ -673,7 +673,7 @@ mod tests {
 
     /// A menu of 3 where item 0 is popular and customers who had item 1 also
     /// had item 2.
-    fn tried_2_after_1() -> Vec<f64> {
+    fn had_2_with_1() -> Vec<f64> {
         let mut release = vec![10.0, 2.0, 1.0];
         release.extend([0.0, 0.0, 0.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0]);
         release
@@ -682,7 +682,7 @@ mod tests {
     #[test]
     fn neighbours_rank_what_customers_with_the_same_items_had() {
         // Menu of 3: item 0 popular; customers who had item 1 also had item 2.
-        let (m, release) = (3, tried_2_after_1());
+        let (m, release) = (3, had_2_with_1());
         let prior = SitePrior::from_release(&release, m).unwrap();
         let mut after_1 = [0.0; 3];
         prior.neighbour_scores(&[(1, 1.0)], None, &mut after_1);
@@ -703,7 +703,7 @@ mod tests {
     #[test]
     fn a_training_example_leaves_its_own_customer_out_of_the_neighbours() {
         // The only customer who tried item 2 after item 1 is this one.
-        let (m, release) = (3, tried_2_after_1());
+        let (m, release) = (3, had_2_with_1());
         let prior = SitePrior::from_release(&release, m).unwrap();
         let own = OwnPairs {
             pairs: vec![(1, 2)],
